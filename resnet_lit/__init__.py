@@ -1,0 +1,1 @@
+"""resnet-lit: config-driven ResNet-family classifiers on PyTorch Lightning."""
