@@ -1,1 +1,28 @@
-"""resnet-lit: config-driven ResNet-family classifiers on PyTorch Lightning."""
+"""resnet-lit: config-driven ResNet-family image classifiers on PyTorch Lightning."""
+
+from resnet_lit.models import (
+    BasicBlock,
+    Bottleneck,
+    ResidualBlock,
+    ResNet,
+    create_model,
+    list_models,
+    load_torchvision_weights,
+    register_block,
+    register_model,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "ResNet",
+    "ResidualBlock",
+    "__version__",
+    "create_model",
+    "list_models",
+    "load_torchvision_weights",
+    "register_block",
+    "register_model",
+]

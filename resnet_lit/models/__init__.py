@@ -1,0 +1,26 @@
+"""The residual network zoo: blocks, stems, shortcuts, the ResNet builder and named architectures."""
+
+from resnet_lit.models.blocks import (
+    BLOCKS,
+    BasicBlock,
+    Bottleneck,
+    ResidualBlock,
+    SEBasicBlock,
+    SEBottleneck,
+    register_block,
+)
+from resnet_lit.models.describe import format_summary, summarize
+from resnet_lit.models.layers import ACT_LAYERS, NORM_LAYERS, DropPath, SqueezeExcite
+from resnet_lit.models.resnet import ClassifierHead, ResNet
+from resnet_lit.models.shortcuts import SHORTCUTS, register_shortcut
+from resnet_lit.models.stems import STEMS, Stem, register_stem
+from resnet_lit.models.torchvision_weights import load_torchvision_weights
+from resnet_lit.models.zoo import MODELS, build_resnet, create_model, list_models, register_model
+
+__all__ = [
+    "ACT_LAYERS", "BLOCKS", "MODELS", "NORM_LAYERS", "SHORTCUTS", "STEMS",
+    "BasicBlock", "Bottleneck", "ClassifierHead", "DropPath", "ResNet", "ResidualBlock", "SEBasicBlock",
+    "SEBottleneck", "SqueezeExcite", "Stem", "build_resnet", "create_model", "format_summary", "list_models",
+    "load_torchvision_weights", "register_block", "register_model", "register_shortcut", "register_stem",
+    "summarize",
+]  # fmt: skip
