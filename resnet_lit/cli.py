@@ -1,12 +1,73 @@
-"""The `resnet-lit` command: the zoo's inspection commands plus a LightningCLI for training."""
+"""The `resnet-lit` command: the zoo's inspection commands plus a LightningCLI for fit/validate/test/predict."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from resnet_lit.callbacks import PredictionCSVWriter
 from resnet_lit.commands import ZOO_COMMANDS, run_zoo_command
+from resnet_lit.data import ImageDataModule
+from resnet_lit.data.errors import DataConfigError
+from resnet_lit.module import ResNetClassifier
 from resnet_lit.registry import RegistryError
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+class ResNetLitCLI(LightningCLI):
+    """LightningCLI wired for the zoo: data->model links, a fixed checkpoint folder and CSV logging.
+
+    Layout of a run, for `trainer.default_root_dir: D`:
+        D/config.yaml              the resolved config (rewritten by a resumed run)
+        D/metrics.csv              CSVLogger output (appended by a resumed run)
+        D/checkpoints/last.ckpt    always the newest state; `--ckpt_path last` resumes from it
+    """
+
+    def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> None:
+        super().__init__(
+            model_class=ResNetClassifier,
+            datamodule_class=ImageDataModule,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"use_distributed_sampler": False},
+            seed_everything_default=0,
+            auto_configure_optimizers=False,
+            args=list(args) if args is not None else None,
+            run=run,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for key in ("num_classes", "in_channels", "class_names"):
+            parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({
+            "checkpoint.save_last": True,
+            "checkpoint.monitor": "val/acc",
+            "checkpoint.mode": "max",
+            "checkpoint.filename": "epoch{epoch:03d}-step{step}",
+            "checkpoint.auto_insert_metric_name": False,
+        })  # fmt: skip
+        parser.add_lightning_class_args(PredictionCSVWriter, "prediction_writer")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        root = config.trainer.default_root_dir or os.getcwd()
+        config.trainer.default_root_dir = root
+        if config.checkpoint.dirpath is None:
+            config.checkpoint.dirpath = os.path.join(root, CHECKPOINT_SUBDIR)
+        if config.trainer.logger in (None, True):
+            config.trainer.logger = Namespace(
+                class_path="lightning.pytorch.loggers.CSVLogger",
+                init_args=Namespace(save_dir=root, name="", version=""),
+            )
 
 
 def main(args: Sequence[str] | None = None) -> None:
@@ -20,4 +81,7 @@ def main(args: Sequence[str] | None = None) -> None:
         if code:
             raise SystemExit(code)
         return
-    raise SystemExit("training commands are not wired yet")
+    try:
+        ResNetLitCLI(args=None if args is None else argv)
+    except (RegistryError, DataConfigError) as err:
+        raise SystemExit(f"resnet-lit: error: {err}") from None

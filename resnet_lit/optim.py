@@ -1,0 +1,91 @@
+"""Optimizer helpers: weight-decay parameter groups, learning-rate scaling and a warmup+cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def param_groups(module: nn.Module, exclude_norm_and_bias_from_weight_decay: bool) -> list[dict]:
+    """Parameters as optimizer groups; optionally a second group with `weight_decay=0` for norms and biases.
+
+    Decaying norm scales and biases only shrinks them toward a degenerate network, so modern recipes
+    (Goyal et al. 2017; timm; torchvision's v2 recipe) exempt them.
+    """
+    if not exclude_norm_and_bias_from_weight_decay:
+        return [{"params": [p for p in module.parameters() if p.requires_grad]}]
+    decay, no_decay = [], []
+    for submodule in module.modules():
+        for name, param in submodule.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            is_exempt = isinstance(submodule, _NORM_TYPES) or name.endswith("bias")
+            (no_decay if is_exempt else decay).append(param)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def scale_learning_rate(optimizer: Optimizer, factor: float) -> None:
+    """Multiply every group's learning rate (and `initial_lr`, if a scheduler already set it) by `factor`."""
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+
+
+class WarmupCosineLR(LambdaLR):
+    """Linear warmup from `warmup_start_factor` x lr to lr, then cosine decay to `min_lr_ratio` x lr.
+
+    Stepped once per optimizer step. `total_steps=None` means "the whole run": the LightningModule
+    fills it in from `trainer.estimated_stepping_batches` through `set_total_steps()`. Warmup and
+    total may be given in steps (int) or, for warmup, as a fraction of the total (float < 1).
+
+    Args:
+        optimizer: the wrapped optimizer.
+        warmup_steps: warmup length in steps, or a fraction of `total_steps` when below 1.
+        total_steps: schedule length in steps; None to take the run length.
+        min_lr_ratio: final learning rate as a fraction of the peak.
+        warmup_start_factor: first-step learning rate as a fraction of the peak.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        warmup_steps: float = 0.0,
+        total_steps: int | None = None,
+        min_lr_ratio: float = 0.0,
+        warmup_start_factor: float = 0.01,
+    ) -> None:
+        if warmup_steps < 0 or not 0.0 <= min_lr_ratio <= 1.0 or not 0.0 <= warmup_start_factor <= 1.0:
+            raise ValueError(
+                f"WarmupCosineLR: need warmup_steps >= 0 and ratios in [0, 1], got warmup_steps={warmup_steps}, "
+                f"min_lr_ratio={min_lr_ratio}, warmup_start_factor={warmup_start_factor}"
+            )
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.min_lr_ratio = min_lr_ratio
+        self.warmup_start_factor = warmup_start_factor
+        super().__init__(optimizer, self._factor)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Fix the schedule length once the run length is known (no-op when given explicitly)."""
+        if self.total_steps is None:
+            self.total_steps = int(total_steps)
+
+    def _warmup_length(self) -> int:
+        if self.warmup_steps < 1 and self.total_steps is not None:
+            return int(self.warmup_steps * self.total_steps)
+        return int(self.warmup_steps)
+
+    def _factor(self, step: int) -> float:
+        warmup = self._warmup_length()
+        if step < warmup:
+            return self.warmup_start_factor + (1.0 - self.warmup_start_factor) * step / warmup
+        if self.total_steps is None:
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, self.total_steps - warmup))
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
