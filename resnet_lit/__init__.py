@@ -11,13 +11,16 @@ from resnet_lit.models import (
     register_block,
     register_model,
 )
+from resnet_lit.module import NetworkConfig, ResNetClassifier
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BasicBlock",
     "Bottleneck",
+    "NetworkConfig",
     "ResNet",
+    "ResNetClassifier",
     "ResidualBlock",
     "__version__",
     "create_model",

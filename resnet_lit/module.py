@@ -12,6 +12,7 @@ from jsonargparse.typing import NonNegativeFloat, PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
@@ -115,6 +116,7 @@ class ResNetClassifier(L.LightningModule):
             self.net.compile()
         self.batch_mixer = _batch_mixer(num_classes, mixup_alpha, cutmix_alpha)
 
+        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -141,11 +143,13 @@ class ResNetClassifier(L.LightningModule):
         images, targets = batch
         logits = self(images)
         loss = F.cross_entropy(logits, targets)
-        acc = getattr(self, f"{stage}_acc")
+        mean_loss, acc = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_acc")
         top5 = getattr(self, f"{stage}_acc_top5")
+        # torchmetrics objects sum counts over all ranks at epoch end, so distributed results are exact
+        # even when ranks hold different numbers of samples.
+        mean_loss.update(loss, weight=targets.shape[0])
         acc(logits, targets)
-        # sync_dist sums loss x batch size across ranks; the metrics sync their own counts.
-        self.log(f"{stage}/loss", loss, prog_bar=stage == "val", sync_dist=True, batch_size=targets.shape[0])
+        self.log(f"{stage}/loss", mean_loss, prog_bar=stage == "val")
         self.log(f"{stage}/acc", acc, prog_bar=stage == "val")
         if top5 is not None:
             top5(logits, targets)

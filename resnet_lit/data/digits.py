@@ -1,0 +1,101 @@
+"""scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes): real data, no download."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.utils.data import Subset
+
+from .base import ImageDataModule, RawSplits
+from .datasets import TensorImageDataset
+from .errors import DataConfigError
+from .samplers import mix_seed
+from .transforms import Augment
+
+
+def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
+    """Images as float ``[N, 1, 8, 8]`` in [0, 1] (raw values 0..16 scaled) and int64 targets."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise ImportError('DigitsDataModule needs scikit-learn: pip install "resnet-lit[digits]"') from error
+    digits = load_digits()
+    images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return images, torch.as_tensor(digits.target, dtype=torch.int64)
+
+
+class DigitsDataModule(ImageDataModule):
+    """Digits split by a seeded permutation into train / val (``val_fraction``) / test (``test_fraction``).
+
+    Native 8x8, 1 channel; ``image_size`` upscales. ``augment`` is off by default (tiny images).
+    """
+
+    default_mean = (0.3053,)
+    default_std = (0.3760,)
+
+    def __init__(
+        self,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        image_size: int | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = True,
+        persistent_workers: bool = False,
+        drop_last: bool = True,
+        seed: int = 0,
+        augment: Augment = "none",
+        random_erasing: float = 0.0,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        predict_dir: str | None = None,
+    ) -> None:
+        if not (0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+            raise DataConfigError(
+                f"need 0 <= test_fraction and val_fraction + test_fraction < 1, got {val_fraction}, {test_fraction}"
+            )
+        super().__init__(
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            drop_last=drop_last,
+            val_fraction=val_fraction,
+            seed=seed,
+            augment=augment,
+            random_erasing=random_erasing,
+            mean=mean,
+            std=std,
+            predict_dir=predict_dir,
+            transform_style="plain",
+            crop_size=image_size,
+            resize_size=image_size,
+        )
+        self.test_fraction = test_fraction
+
+    @property
+    def num_classes(self) -> int:
+        return 10
+
+    @property
+    def in_channels(self) -> int:
+        return 1
+
+    @property
+    def class_names(self) -> list[str]:
+        return [str(digit) for digit in range(10)]
+
+    def load_splits(self) -> RawSplits:
+        full = TensorImageDataset(*load_digits_tensors())
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, 0xD161))
+        order = torch.randperm(len(full), generator=generator).tolist()
+        num_val, num_test = round(len(full) * self.val_fraction), round(len(full) * self.test_fraction)
+        val, test, train = order[:num_val], order[num_val : num_val + num_test], order[num_val + num_test :]
+        return RawSplits(
+            train=Subset(full, sorted(train)),
+            val=Subset(full, sorted(val)) if val else None,
+            test=Subset(full, sorted(test)) if test else None,
+        )

@@ -1,0 +1,130 @@
+"""Distributed-aware samplers that the DataModules build themselves (``use_distributed_sampler=False``).
+
+* :class:`ResumableTrainSampler` shuffles deterministically from ``(seed, epoch)``, shards across ranks with
+  padding (same length on every rank), can skip the batches already consumed before a mid-epoch checkpoint,
+  and yields ``(index, sample_seed)`` pairs so augmentation depends only on ``(seed, epoch, index)``.
+* :class:`EvalShardSampler` splits indices across ranks in order, without padding or duplicates, so that
+  distributed evaluation sees every sample exactly once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*values: int) -> int:
+    """Hash integers into a 63-bit seed (splitmix64 rounds); stable across processes and Python versions."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (value & _MASK64)) & _MASK64
+        state = (state + 0x9E3779B97F4A7C15) & _MASK64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        state = z ^ (z >> 31)
+    return state >> 1
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of dataset item ``index`` in ``epoch``."""
+    return mix_seed(seed, epoch, index)
+
+
+class ResumableTrainSampler(Sampler[tuple[int, int]]):
+    """Seeded, sharded, padded training sampler that can resume mid-epoch.
+
+    Every epoch draws ``torch.randperm(dataset_size)`` from a generator seeded with ``(seed, epoch)``, pads it
+    by wrapping around to a multiple of ``num_replicas`` and gives rank ``r`` the items ``r::num_replicas``.
+    Items are ``(index, sample_seed)`` pairs; wrap datasets with
+    :class:`~resnet_lit.data.datasets.SeededTransformDataset` to consume them.
+
+    Resuming: :meth:`resume` arms the *next* iteration to replay ``epoch`` starting after
+    ``num_batches * batch_size`` items of this rank's permutation, i.e. exactly the tail of the uninterrupted
+    epoch. The armed epoch wins over :meth:`set_epoch` calls made before that iteration starts (Lightning
+    creates the first iterator before calling ``set_epoch``); it is used once, and later iterations follow
+    :meth:`set_epoch` as usual.
+
+    ``len(sampler)`` is always the full per-rank epoch length, also in a resumed epoch, because Lightning
+    keeps counting batch indices from the restored progress (it stops the epoch after ``len(loader)``
+    batches in total, including the ones done before the checkpoint).
+    """
+
+    def __init__(
+        self,
+        dataset_size: int,
+        *,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        shuffle: bool = True,
+    ) -> None:
+        if dataset_size <= 0:
+            raise ValueError(f"dataset_size must be positive, got {dataset_size}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
+        self.dataset_size = dataset_size
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self._armed: tuple[int, int] | None = None  # (epoch, samples to skip) for the next iteration
+        self.num_samples = math.ceil(dataset_size / num_replicas)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch`` (Lightning calls this at every epoch start)."""
+        self.epoch = epoch
+
+    def resume(self, epoch: int, num_batches: int, batch_size: int) -> None:
+        """Make the next iteration yield ``epoch`` minus its first ``num_batches`` batches on this rank."""
+        if epoch < 0 or num_batches < 0 or batch_size <= 0:
+            raise ValueError(f"invalid resume: epoch={epoch}, num_batches={num_batches}, batch_size={batch_size}")
+        self.epoch = epoch
+        self._armed = (epoch, num_batches * batch_size)
+
+    def epoch_indices(self, epoch: int) -> list[int]:
+        """This rank's full list of dataset indices for ``epoch`` (no skipping)."""
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+            order = torch.randperm(self.dataset_size, generator=generator).tolist()
+        else:
+            order = list(range(self.dataset_size))
+        total = self.num_samples * self.num_replicas
+        while len(order) < total:  # loop: padding may exceed the dataset size when it is tiny
+            order += order[: total - len(order)]
+        return order[self.rank : total : self.num_replicas]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, skip = self._armed if self._armed is not None else (self.epoch, 0)
+        self._armed = None
+        for index in self.epoch_indices(epoch)[skip:]:
+            yield index, sample_seed(self.seed, epoch, index)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class EvalShardSampler(Sampler[int]):
+    """In-order, unpadded shard of ``range(dataset_size)`` for evaluation and prediction.
+
+    Rank ``r`` gets the contiguous block ``[r * n // R, (r + 1) * n // R)``; blocks may differ in size by one,
+    and their union is every index exactly once, so gathered metrics equal single-process metrics.
+    """
+
+    def __init__(self, dataset_size: int, *, num_replicas: int = 1, rank: int = 0) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, {num_replicas}), got {rank}")
+        self.start = rank * dataset_size // num_replicas
+        self.stop = (rank + 1) * dataset_size // num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return self.stop - self.start

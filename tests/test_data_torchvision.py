@@ -1,0 +1,103 @@
+"""CIFAR and MNIST modules read fake datasets written in torchvision's real on-disk formats (never download)."""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torchvision import datasets
+
+from resnet_lit.data import CIFAR10DataModule, CIFAR100DataModule, FashionMNISTDataModule, MNISTDataModule
+
+PER_BATCH = 6  # images per CIFAR training batch file (5 files)
+NUM_TEST = 10
+
+
+def _write_fake_cifar10(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = data_dir / datasets.CIFAR10.base_folder
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+
+    def dump(name: str, count: int) -> None:
+        entry = {
+            "data": rng.integers(0, 256, (count, 3 * 32 * 32), dtype=np.uint8),
+            "labels": [i % 10 for i in range(count)],
+        }
+        (folder / name).write_bytes(pickle.dumps(entry))
+
+    for name, _ in datasets.CIFAR10.train_list:
+        dump(name, PER_BATCH)
+    dump("test_batch", NUM_TEST)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
+    # The real files are checked by md5; the fake ones only have to exist.
+    monkeypatch.setattr(datasets.CIFAR10, "train_list", [[n, None] for n, _ in datasets.CIFAR10.train_list])
+    monkeypatch.setattr(datasets.CIFAR10, "test_list", [["test_batch", None]])
+    monkeypatch.setattr(datasets.CIFAR10, "meta", {**datasets.CIFAR10.meta, "md5": None})
+
+
+def test_cifar10_shapes_classes_and_official_test_as_val(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _write_fake_cifar10(tmp_path, monkeypatch)
+    dm = CIFAR10DataModule(data_dir=str(tmp_path), batch_size=8, augment="trivialaugment")
+    assert (dm.num_classes, dm.in_channels, dm.class_names[0]) == (10, 3, "airplane")
+    dm.setup("fit")
+    splits = dm.splits()
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (5 * PER_BATCH, NUM_TEST, NUM_TEST)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    xv, _ = next(iter(dm.val_dataloader()))
+    assert xv.shape == (8, 3, 32, 32)
+    assert sum(len(b[1]) for b in dm.test_dataloader()) == NUM_TEST
+
+
+def test_cifar10_val_fraction_holds_out_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _write_fake_cifar10(tmp_path, monkeypatch)
+    dm = CIFAR10DataModule(data_dir=str(tmp_path), val_fraction=0.2, batch_size=4)
+    splits = dm.splits()
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (24, 6, NUM_TEST)
+    assert set(splits.train.indices).isdisjoint(splits.val.indices)
+    assert CIFAR10DataModule(data_dir=str(tmp_path), val_fraction=0.2).splits().val.indices == splits.val.indices
+
+
+def test_missing_cifar_says_how_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="download: true"):
+        CIFAR10DataModule(data_dir=str(tmp_path)).splits()
+
+
+def test_cifar100_class_names_without_data() -> None:
+    dm = CIFAR100DataModule(data_dir="/nonexistent")
+    assert dm.num_classes == len(dm.class_names) == 100
+    assert dm.class_names[:2] == ["apple", "aquarium_fish"]
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    type_code = 0x08  # unsigned byte
+    header = struct.pack(">HBB", 0, type_code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def _write_fake_mnist(data_dir: Path, name: str, num_train: int = 24, num_test: int = 8) -> None:
+    raw = data_dir / name / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, count in (("train", num_train), ("t10k", num_test)):
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (count, 28, 28)))
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(count) % 10)
+
+
+@pytest.mark.parametrize("module_cls", [MNISTDataModule, FashionMNISTDataModule])
+def test_mnist_family_reads_idx_files(tmp_path: Path, module_cls: type[MNISTDataModule]) -> None:
+    _write_fake_mnist(tmp_path, module_cls.dataset_cls.__name__)
+    dm = module_cls(data_dir=str(tmp_path), batch_size=4, val_fraction=0.25, image_size=36)
+    assert (dm.num_classes, dm.in_channels, len(dm.class_names)) == (10, 1, 10)
+    splits = dm.splits()
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (18, 6, 8)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 1, 36, 36) and y.dtype == torch.int64
+    assert next(iter(dm.test_dataloader()))[0].shape == (4, 1, 36, 36)
+    native = module_cls(data_dir=str(tmp_path), batch_size=4)
+    assert next(iter(native.val_dataloader()))[0].shape[1:] == (1, 28, 28)
