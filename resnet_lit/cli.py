@@ -7,9 +7,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 from resnet_lit.callbacks import PredictionCSVWriter
 from resnet_lit.commands import ZOO_COMMANDS, run_zoo_command
@@ -38,6 +41,7 @@ class ResNetLitCLI(LightningCLI):
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"use_distributed_sampler": False},
             seed_everything_default=0,
+            parser_kwargs={"prog": "resnet-lit"},
             auto_configure_optimizers=False,
             args=list(args) if args is not None else None,
             run=run,
@@ -63,11 +67,35 @@ class ResNetLitCLI(LightningCLI):
         config.trainer.default_root_dir = root
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(root, CHECKPOINT_SUBDIR)
+        if config.trainer.sync_batchnorm and not _runs_on_gpu(config.trainer.accelerator):
+            rank_zero_warn(
+                "resnet-lit: trainer.sync_batchnorm needs CUDA devices (torch's SyncBatchNorm is GPU-only); "
+                "training on CPU with per-process BatchNorm instead"
+            )
+            config.trainer.sync_batchnorm = False
         if config.trainer.logger in (None, True):
             config.trainer.logger = Namespace(
                 class_path="lightning.pytorch.loggers.CSVLogger",
                 init_args=Namespace(save_dir=root, name="", version=""),
             )
+
+
+def _runs_on_gpu(accelerator: object) -> bool:
+    if accelerator in ("gpu", "cuda"):
+        return True
+    return accelerator == "auto" and torch.cuda.is_available()
+
+
+def _check_yaml_files(argv: list[str]) -> None:
+    """Fail fast, naming the file, on a `--config` that is not valid YAML (jsonargparse hides the name)."""
+    for flag, path in zip(argv, argv[1:], strict=False):
+        if flag not in ("--config", "-c") or not os.path.isfile(path):
+            continue
+        try:
+            with open(path) as f:
+                yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise SystemExit(f"resnet-lit: error: {path} is not valid YAML: {err}") from None
 
 
 def main(args: Sequence[str] | None = None) -> None:
@@ -81,6 +109,7 @@ def main(args: Sequence[str] | None = None) -> None:
         if code:
             raise SystemExit(code)
         return
+    _check_yaml_files(argv)
     try:
         ResNetLitCLI(args=None if args is None else argv)
     except (RegistryError, DataConfigError) as err:

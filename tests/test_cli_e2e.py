@@ -1,0 +1,169 @@
+"""The real CLI end to end: quickstart training, checkpoint reload, validate/test/predict, config errors."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fakedata import unpack_cifar_jpegs
+from resnet_lit import ResNetClassifier
+from resnet_lit.cli import ResNetLitCLI, main
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def _last_metric(metrics_csv: Path, key: str) -> float:
+    with open(metrics_csv) as f:
+        values = [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
+    assert values, f"{key} never logged in {metrics_csv}"
+    return values[-1]
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The README's main job, trained once for the tests of this module."""
+    root = tmp_path_factory.mktemp("quickstart")
+    main(["fit", "--config", QUICKSTART, "--trainer.default_root_dir", str(root), *QUIET])
+    return root
+
+
+@pytest.mark.slow
+def test_quickstart_reaches_097_and_reloads_weights_only(quickstart_run: Path) -> None:
+    assert _last_metric(quickstart_run / "metrics.csv", "val/acc") >= 0.97
+    assert (quickstart_run / "config.yaml").is_file()
+    ckpt_path = quickstart_run / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+    assert checkpoint["hyper_parameters"]["arch"] == "resnet20"
+    assert checkpoint["hyper_parameters"]["class_names"] == [str(i) for i in range(10)]
+    model = ResNetClassifier.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True)
+    assert model.hparams.in_channels == 1 and model.hparams.num_classes == 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_validate_and_test_reproduce_the_metric(quickstart_run: Path, stage: str) -> None:
+    ckpt = str(quickstart_run / "checkpoints" / "last.ckpt")
+    root = quickstart_run / f"{stage}-run"
+    cli = ResNetLitCLI(args=[stage, "--config", QUICKSTART, "--ckpt_path", ckpt,
+                             "--trainer.default_root_dir", str(root), *QUIET])  # fmt: skip
+    if stage == "validate":
+        # last.ckpt is written after the final validation, so validating it gives the same number.
+        expected = _last_metric(quickstart_run / "metrics.csv", "val/acc")
+        assert cli.trainer.callback_metrics["val/acc"].item() == pytest.approx(expected, abs=1e-6)
+    else:
+        assert cli.trainer.callback_metrics["test/acc"].item() >= 0.95
+        assert "test/acc_top5" in cli.trainer.callback_metrics
+
+
+@pytest.mark.slow
+def test_predict_writes_csv_with_class_names(quickstart_run: Path, tmp_path: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(20):
+        pixels = (digits.images[i] * (255 / 16)).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(images / f"digit{i:02d}_label{digits.target[i]}.png")
+    output = tmp_path / "predictions.csv"
+    main(["predict", "--config", QUICKSTART, "--ckpt_path", str(quickstart_run / "checkpoints" / "last.ckpt"),
+          "--data.init_args.predict_dir", str(images), "--prediction_writer.output_path", str(output),
+          "--trainer.default_root_dir", str(tmp_path / "run"), *QUIET])  # fmt: skip
+    with open(output) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 20
+    assert {"path", "class", "probability"} <= set(rows[0])
+    correct = sum(Path(r["path"]).stem.split("label")[1] == r["class"] for r in rows)
+    assert correct >= 17, rows
+    assert all(0.0 <= float(r["probability"]) <= 1.0 for r in rows)
+
+
+def test_subprocess_entry_point_trains_and_writes_the_run_layout(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "resnet_lit", "fit", "--config", QUICKSTART, "--trainer.max_epochs", "1",
+         "--trainer.default_root_dir", str(tmp_path), *QUIET],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "config.yaml").is_file()
+    assert (tmp_path / "metrics.csv").is_file()
+
+
+def test_ckpt_path_last_resumes_from_the_fixed_checkpoint_folder(tmp_path: Path) -> None:
+    args = ["fit", "--config", QUICKSTART, "--trainer.default_root_dir", str(tmp_path), *QUIET]
+    main([*args, "--trainer.max_epochs", "1", "--ckpt_path", "last"])  # nothing to resume yet: starts fresh
+    steps_per_epoch = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    cli = ResNetLitCLI(args=[*args, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    assert cli.trainer.current_epoch == 2
+    assert cli.trainer.global_step == 2 * steps_per_epoch  # one more epoch, not two
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--model.arhc", "resnet20"], "model.arhc"),
+        (["--trainer.max_epochs", "many"], "trainer.max_epochs"),
+        (["--model.label_smoothing", "-0.5"], "model.label_smoothing"),
+        (["--model.scheduler_interval", "hourly"], "model.scheduler_interval"),
+    ],
+)
+def test_bad_keys_and_types_exit_non_zero_naming_the_key(
+    args: list[str], needle: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", QUICKSTART, *args])
+    assert exit_info.value.code not in (0, None)
+    assert needle in capsys.readouterr().err
+
+
+def test_unknown_key_in_yaml_and_malformed_yaml_name_the_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(Path(QUICKSTART).read_text().replace("max_epochs:", "max_epoch:"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(typo)])
+    assert exit_info.value.code not in (0, None)
+    assert "max_epoch" in capsys.readouterr().err
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("trainer:\n  max_epochs: [1,\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(broken)])
+    assert exit_info.value.code not in (0, None)
+    assert "broken.yaml" in str(exit_info.value.code) + capsys.readouterr().err
+
+
+def test_unknown_architecture_suggests_close_matches(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", QUICKSTART, "--model.arch", "resnet2O", "--trainer.fast_dev_run", "true"])
+    assert exit_info.value.code not in (0, None)
+    message = str(exit_info.value.code) + capsys.readouterr().err
+    assert "resnet20" in message
+
+
+@pytest.mark.slow
+def test_imagefolder_on_real_cifar10_jpegs_beats_chance(tmp_path: Path) -> None:
+    root = unpack_cifar_jpegs(tmp_path / "cifar", per_class=250)
+    cli = ResNetLitCLI(
+        args=[
+            "fit", "--config", QUICKSTART,
+            "--data", "resnet_lit.data.ImageFolderDataModule",
+            "--data.root", str(root), "--data.transform_style", "cifar", "--data.image_size", "32",
+            "--data.val_fraction", "0.2", "--data.batch_size", "64",
+            "--model.arch", "resnet20", "--model.net.strides", "[1, 2, 2]",
+            "--trainer.max_epochs", "4", "--trainer.default_root_dir", str(tmp_path / "run"), *QUIET,
+        ]
+    )  # fmt: skip
+    assert cli.datamodule.num_classes == 10
+    assert cli.trainer.callback_metrics["val/acc"].item() >= 0.30  # chance is 0.10

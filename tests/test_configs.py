@@ -1,0 +1,61 @@
+"""Every shipped recipe parses, prints its config and runs one fast_dev_run step on CPU on generated data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fakedata import write_fake_cifar10, write_fake_mnist, write_image_folder
+from resnet_lit.cli import ResNetLitCLI, main
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+TRAINING_CONFIGS = [c for c in CONFIGS if "data" in (yaml.safe_load(c.read_text()) or {})]
+
+
+def _data_overrides(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Point the recipe's DataModule at generated data of the right shape; keep batches small."""
+    data = yaml.safe_load(config.read_text())["data"]
+    class_path = data["class_path"]
+    if class_path.endswith("CIFAR10DataModule"):
+        write_fake_cifar10(tmp_path, monkeypatch, per_batch=8, num_test=8)
+        return ["--data.init_args.data_dir", str(tmp_path), "--data.init_args.batch_size", "4"]
+    if class_path.endswith("FashionMNISTDataModule"):
+        write_fake_mnist(tmp_path, "FashionMNIST")
+        return ["--data.init_args.data_dir", str(tmp_path), "--data.init_args.batch_size", "4"]
+    if class_path.endswith("ImageFolderDataModule"):
+        size = data["init_args"].get("image_size", 224)
+        write_image_folder(tmp_path, classes=("a", "b", "c"), per_class=3, size=size, splits=("train", "val"))
+        return ["--data.init_args.root", str(tmp_path), "--data.init_args.batch_size", "2"]
+    if class_path.endswith("DigitsDataModule"):
+        return []
+    raise AssertionError(f"{config.name}: add generated data for {class_path} to this test")
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])) if "slurm" in str(p) else p.name)
+def test_print_config(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if config not in TRAINING_CONFIGS:
+        pytest.skip(f"{config.name} is not a training config")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["arch"] == yaml.safe_load(config.read_text())["model"]["arch"]
+
+
+@pytest.mark.parametrize("config", TRAINING_CONFIGS, ids=lambda p: p.name)
+def test_fast_dev_run_on_cpu(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    overrides = _data_overrides(config, tmp_path / "data", monkeypatch)
+    cli = ResNetLitCLI(
+        args=[
+            "fit", "--config", str(config), *overrides,
+            "--trainer.fast_dev_run", "true",
+            "--trainer.accelerator", "cpu",
+            "--trainer.default_root_dir", str(tmp_path / "run"),
+            "--trainer.enable_progress_bar", "false",
+        ]
+    )  # fmt: skip
+    assert cli.trainer.state.finished
+    assert cli.trainer.global_step == 1
+    assert cli.model.hparams.arch == yaml.safe_load(config.read_text())["model"]["arch"]
