@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from collections.abc import Sequence
@@ -88,7 +89,7 @@ def _runs_on_gpu(accelerator: object) -> bool:
 
 def _check_yaml_files(argv: list[str]) -> None:
     """Fail fast, naming the file, on a `--config` that is not valid YAML (jsonargparse hides the name)."""
-    for flag, path in zip(argv, argv[1:], strict=False):
+    for flag, path in itertools.pairwise(argv):
         if flag not in ("--config", "-c") or not os.path.isfile(path):
             continue
         try:

@@ -10,7 +10,8 @@ import yaml
 from fakedata import write_fake_cifar10, write_fake_mnist, write_image_folder
 from resnet_lit.cli import ResNetLitCLI, main
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(CONFIGS_DIR.rglob("*.yaml"))
 TRAINING_CONFIGS = [c for c in CONFIGS if "data" in (yaml.safe_load(c.read_text()) or {})]
 
 
@@ -33,7 +34,11 @@ def _data_overrides(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     raise AssertionError(f"{config.name}: add generated data for {class_path} to this test")
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])) if "slurm" in str(p) else p.name)
+def _config_id(path: Path) -> str:
+    return str(path.relative_to(CONFIGS_DIR))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
 def test_print_config(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     if config not in TRAINING_CONFIGS:
         pytest.skip(f"{config.name} is not a training config")
@@ -44,7 +49,7 @@ def test_print_config(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert printed["model"]["arch"] == yaml.safe_load(config.read_text())["model"]["arch"]
 
 
-@pytest.mark.parametrize("config", TRAINING_CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("config", TRAINING_CONFIGS, ids=_config_id)
 def test_fast_dev_run_on_cpu(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     overrides = _data_overrides(config, tmp_path / "data", monkeypatch)
     cli = ResNetLitCLI(

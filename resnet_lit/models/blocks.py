@@ -83,6 +83,11 @@ class ResidualBlock(nn.Module):
                 f"{type(self).__name__} has no `bn_last`; override zero_init_last() to support "
                 "zero_init_residual"
             )
+        if getattr(last, "weight", None) is None:
+            raise NotImplementedError(
+                f"{type(self).__name__}: zero_init_residual needs a norm layer with an affine weight as "
+                f"`bn_last`, got {type(last).__name__}; use another norm or zero_init_residual=False"
+            )
         nn.init.zeros_(last.weight)
 
 
