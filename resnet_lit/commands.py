@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 
 from resnet_lit.models import BLOCKS, MODELS, ResNet, create_model, format_summary, summarize
 
 ZOO_COMMANDS = ("models", "blocks", "describe")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
 
 
 def run_zoo_command(argv: Sequence[str]) -> int:
@@ -20,10 +28,15 @@ def run_zoo_command(argv: Sequence[str]) -> int:
     blocks.add_argument("pattern", nargs="?", default="*")
     describe = sub.add_parser("describe", help="per-stage output shape, parameters and MACs")
     describe.add_argument("name", help="architecture name, e.g. resnet50")
-    describe.add_argument("--image-size", type=int, default=None, help="input side (default 224; 32 for CIFAR)")
-    describe.add_argument("--in-channels", type=int, default=None, help="input channels (default: the model's)")
+    describe.add_argument("--image-size", type=_positive_int, help="input side (default 224; 32 for CIFAR)")
+    describe.add_argument("--in-channels", type=_positive_int, help="input channels (default: the model's)")
     args = parser.parse_args(list(argv))
 
+    if args.command in ("models", "blocks"):
+        registry = MODELS if args.command == "models" else BLOCKS
+        if not registry.names(args.pattern):
+            print(f"no {registry.kind}s match {args.pattern!r}", file=sys.stderr)
+            return 1
     if args.command == "models":
         print("\n".join(MODELS.names(args.pattern)))
     elif args.command == "blocks":

@@ -116,6 +116,8 @@ class Registry(Generic[T]):
                 obj = ep.load()
                 if ep.name not in self._entries:
                     self.register(ep.name, origin=f"plugin {dist}")(obj)
+                elif self._entries[ep.name] is obj:  # the plugin also used the register decorator
+                    self._origins[ep.name] = f"plugin {dist}"
             except Exception as err:
                 warnings.warn(
                     f"resnet-lit: skipping {self.kind} plugin {ep.name!r} from {dist!r} "

@@ -73,10 +73,19 @@ def test_describe_unknown_model_suggests_close_match(typo: str) -> None:
     assert re.search(r"Did you mean: [^?]*\bresnet50\b", message)
 
 
-def test_describe_with_unfitting_overrides_is_an_error_not_a_crash() -> None:
+@pytest.mark.parametrize("flag", ["--in-channels", "--image-size"])
+def test_describe_with_unfitting_sizes_is_an_error_not_a_crash(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as excinfo:
-        main(["describe", "resnet18", "--in-channels", "0"])
-    assert "in_channels must be a positive integer" in str(excinfo.value.code)
+        main(["describe", "resnet18", flag, "0"])
+    assert excinfo.value.code not in (0, None)
+    assert f"{flag}: must be a positive integer" in capsys.readouterr().err
+
+
+def test_models_without_match_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as excinfo:
+        main(["models", "nomatch*"])
+    assert excinfo.value.code == 1
+    assert "no models match 'nomatch*'" in capsys.readouterr().err
 
 
 def test_models_wildcard(capsys: pytest.CaptureFixture[str]) -> None:
