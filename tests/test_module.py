@@ -1,0 +1,141 @@
+"""ResNetClassifier and its optimizer helpers: the behaviour recipes rely on."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from resnet_lit import NetworkConfig, ResNetClassifier
+from resnet_lit.cli import ResNetLitCLI
+from resnet_lit.optim import WarmupCosineLR, param_groups
+
+QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def test_norm_and_bias_parameters_are_exempt_from_weight_decay_only_when_asked() -> None:
+    model = ResNetClassifier(arch="resnet20", num_classes=10).net
+    assert len(param_groups(model, False)) == 1
+    decay, no_decay = param_groups(model, True)
+    assert no_decay["weight_decay"] == 0.0 and "weight_decay" not in decay
+    norms = {id(p) for m in model.modules() if isinstance(m, nn.BatchNorm2d) for p in m.parameters()}
+    biases = {id(p) for n, p in model.named_parameters() if n.endswith("bias")}
+    assert {id(p) for p in no_decay["params"]} == norms | biases
+    convs = {id(m.weight) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    assert {id(p) for p in decay["params"]} == convs
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_weight_decay_exemption_reaches_the_optimizer() -> None:
+    module = ResNetClassifier(
+        arch="resnet20",
+        no_weight_decay_on_norm_and_bias=True,
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1, weight_decay=5e-4),
+    )
+    optimizer = module.configure_optimizers()
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [5e-4, 0.0]
+
+
+def test_warmup_cosine_schedule_shape() -> None:
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = WarmupCosineLR(optimizer, warmup_steps=10, warmup_start_factor=0.0, min_lr_ratio=0.1)
+    scheduler.set_total_steps(110)
+    lrs = []
+    for _ in range(111):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == 0.0 and lrs[5] == pytest.approx(0.5) and lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lrs[110] == pytest.approx(0.1)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
+
+
+def test_warmup_fraction_is_relative_to_the_run_length() -> None:
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = WarmupCosineLR(optimizer, warmup_steps=0.1, warmup_start_factor=0.0)
+    scheduler.set_total_steps(200)
+    for _ in range(20):
+        optimizer.step()
+        scheduler.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1.0)
+    state = scheduler.state_dict()
+    assert state["total_steps"] == 200 and state["warmup_steps"] == 0.1
+
+
+@pytest.mark.parametrize(("mixup", "cutmix"), [(0.2, 0.0), (0.0, 1.0), (0.2, 1.0)])
+def test_mixup_and_cutmix_train_with_soft_targets(mixup: float, cutmix: float) -> None:
+    module = ResNetClassifier(arch="resnet20", num_classes=10, mixup_alpha=mixup, cutmix_alpha=cutmix)
+    images, targets = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
+    loss = module.training_step((images, targets), 0)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+
+
+def test_label_smoothing_raises_the_loss_floor() -> None:
+    torch.manual_seed(0)
+    images, targets = torch.randn(4, 3, 32, 32), torch.arange(4)
+    plain = ResNetClassifier(arch="resnet20")
+    smooth = ResNetClassifier(arch="resnet20", label_smoothing=0.2)
+    smooth.load_state_dict(plain.state_dict())
+    assert smooth.training_step((images, targets), 0) != plain.training_step((images, targets), 0)
+
+
+def test_top5_is_skipped_below_five_classes() -> None:
+    assert ResNetClassifier(arch="resnet20", num_classes=3).val_acc_top5 is None
+    assert ResNetClassifier(arch="resnet20", num_classes=5).val_acc_top5 is not None
+
+
+def test_predict_step_returns_topk_names_and_probabilities() -> None:
+    names = ["ant", "bee", "cat", "dog", "eel", "fox"]
+    module = ResNetClassifier(arch="resnet20", num_classes=6, class_names=names, predict_top_k=3).eval()
+    out = module.predict_step((torch.randn(2, 3, 32, 32), ["a.png", "b.png"]), 0)
+    assert out["keys"] == ["a.png", "b.png"]
+    assert out["classes"].shape == out["probs"].shape == (2, 3)
+    assert torch.all(out["probs"][:, :-1] >= out["probs"][:, 1:])
+    assert out["class_names"][0][0] == names[out["classes"][0, 0]]
+
+
+def test_network_config_overrides_reach_the_network() -> None:
+    module = ResNetClassifier(arch="resnet20", net=NetworkConfig(stem="deep", shortcut="conv_bn", drop_path=0.1))
+    assert type(module.net.stem[0]) is nn.Conv2d and module.net.stem.stride == 4
+    assert module.hparams.net == {"stem": "deep", "shortcut": "conv_bn", "drop_path": 0.1}
+
+
+def test_channels_last_is_the_default_memory_format() -> None:
+    module = ResNetClassifier(arch="resnet20")
+    assert module.net.stem.conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_yaml_swaps_blocks_per_stage_and_user_block_by_class_path(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "userblocks.py").write_text(
+        "import resnet_lit\n"
+        "class Tiny(resnet_lit.BasicBlock):\n"
+        "    '''A user block defined outside the package.'''\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cli = ResNetLitCLI(
+        args=["--config", QUICKSTART, "--model.net.block", "[basic, userblocks.Tiny, se_basic]",
+              "--model.net.stem", "cifar", *QUIET],
+        run=False,
+    )  # fmt: skip
+    stage_blocks = [type(stage[0]).__name__ for stage in cli.model.net.stages]
+    assert stage_blocks == ["BasicBlock", "Tiny", "SEBasicBlock"]
+    assert cli.model.hparams.in_channels == 1 and cli.model.hparams.num_classes == 10
+
+
+def test_tensorboard_logger_when_configured(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    ResNetLitCLI(
+        args=["fit", "--config", QUICKSTART, "--trainer.default_root_dir", str(tmp_path),
+              "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
+              "--trainer.logger.save_dir", str(tmp_path / "tb"),
+              "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", *QUIET],
+    )  # fmt: skip
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
