@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import pickle
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -11,14 +12,16 @@ from typing import Any
 import torch
 import yaml
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
-from resnet_lit.callbacks import PredictionCSVWriter
+from resnet_lit.callbacks import NonFiniteLossError, PredictionCSVWriter, ResumableCheckpoint, install_fault_tolerance
+from resnet_lit.checkpoint_io import CheckpointMismatchError
+from resnet_lit.cluster import ClusterConfigError, check_launch, explain_launch_errors
 from resnet_lit.commands import ZOO_COMMANDS, run_zoo_command
 from resnet_lit.data import ImageDataModule
-from resnet_lit.data.errors import DataConfigError
+from resnet_lit.data.errors import CorruptImageError, DataConfigError
 from resnet_lit.module import ResNetClassifier
 from resnet_lit.registry import RegistryError
 
@@ -52,7 +55,7 @@ class ResNetLitCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for key in ("num_classes", "in_channels", "class_names"):
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ResumableCheckpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.save_last": True,
             "checkpoint.monitor": "val/acc",
@@ -66,6 +69,8 @@ class ResNetLitCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         root = config.trainer.default_root_dir or os.getcwd()
         config.trainer.default_root_dir = root
+        if "weights_only" in config and config.weights_only is None:
+            config.weights_only = True  # never unpickle arbitrary objects from a --ckpt_path file
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(root, CHECKPOINT_SUBDIR)
         if config.trainer.sync_batchnorm and not _runs_on_gpu(config.trainer.accelerator):
@@ -74,11 +79,35 @@ class ResNetLitCLI(LightningCLI):
                 "training on CPU with per-process BatchNorm instead"
             )
             config.trainer.sync_batchnorm = False
+        if config.trainer.use_distributed_sampler:
+            rank_zero_warn(
+                "resnet-lit: trainer.use_distributed_sampler is ignored: the DataModules shard the data themselves "
+                "(Lightning's sampler would re-shard them and pad evaluation with duplicate samples)"
+            )
+            config.trainer.use_distributed_sampler = False
         if config.trainer.logger in (None, True):
             config.trainer.logger = Namespace(
-                class_path="lightning.pytorch.loggers.CSVLogger",
-                init_args=Namespace(save_dir=root, name="", version=""),
+                class_path="resnet_lit.loggers.ResumableCSVLogger",
+                init_args=Namespace(save_dir=root, name="", version="", append=self._resumes(config)),
             )
+
+    def _resumes(self, config: Namespace) -> bool:
+        """Whether this is a `fit` that restores a checkpoint (then metrics.csv is continued, not replaced)."""
+        ckpt_path = config.get("ckpt_path") if self.subcommand == "fit" else None
+        if ckpt_path == "last":
+            folder = config.checkpoint.dirpath
+            return os.path.isdir(folder) and any(
+                n.startswith("last") and n.endswith(".ckpt") for n in os.listdir(folder)
+            )
+        return bool(ckpt_path)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        # Lightning validates SLURM/torchrun settings only when the run starts: check them now, with a hint.
+        with explain_launch_errors():
+            trainer = super().instantiate_trainer(**kwargs)
+        check_launch(trainer)
+        install_fault_tolerance(trainer)  # exact resume, preemption, corrupt-image report, atomic writes
+        return trainer
 
 
 def _runs_on_gpu(accelerator: object) -> bool:
@@ -113,5 +142,22 @@ def main(args: Sequence[str] | None = None) -> None:
     _check_yaml_files(argv)
     try:
         ResNetLitCLI(args=None if args is None else argv)
-    except (RegistryError, DataConfigError) as err:
+    except (RegistryError, DataConfigError, ClusterConfigError, NonFiniteLossError, CheckpointMismatchError) as err:
         raise SystemExit(f"resnet-lit: error: {err}") from None
+    except CorruptImageError as err:
+        raise SystemExit(f"resnet-lit: error: {_original_message(err)}") from None
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SystemExit(
+            f"resnet-lit: error: refusing to load a checkpoint that needs arbitrary unpickling ({first})"
+        ) from None
+
+
+def _original_message(err: BaseException) -> str:
+    """The message of an exception re-raised from a DataLoader worker, without the worker's traceback."""
+    message = str(err)
+    if "Original Traceback" not in message:
+        return message
+    last = [line for line in message.splitlines() if line.strip()][-1]
+    prefix = f"{type(err).__module__}.{type(err).__qualname__}: "
+    return last[len(prefix) :] if last.startswith(prefix) else last

@@ -16,6 +16,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
+from resnet_lit.callbacks.nonfinite import NonFiniteLossGuard, NonFinitePolicy
+from resnet_lit.checkpoint_io import CheckpointMismatchError, check_checkpoint_fits, load_network_weights
 from resnet_lit.models import create_model
 from resnet_lit.optim import param_groups, scale_learning_rate
 
@@ -73,6 +75,11 @@ class ResNetClassifier(L.LightningModule):
         channels_last: run the network in NHWC memory format (faster on GPUs and on this CPU).
         compile: `torch.compile` the network.
         predict_top_k: how many classes `predict_step` returns per image.
+        nonfinite_loss: on a NaN/inf training loss, "stop" training (naming the step and the last checkpoint)
+            or "skip" the step on all ranks and count it (see `resnet_lit.callbacks.nonfinite`).
+        init_from: start from the network weights of this checkpoint (fine-tuning; not a resume, which is
+            `--ckpt_path`). Not saved in the hyperparameters.
+        reinit_head: with `init_from`, keep a freshly initialised classifier head, e.g. for other classes.
     """
 
     def __init__(
@@ -93,6 +100,9 @@ class ResNetClassifier(L.LightningModule):
         channels_last: bool = True,
         compile: bool = False,
         predict_top_k: PositiveInt = 5,
+        nonfinite_loss: NonFinitePolicy = "stop",
+        init_from: str | None = None,
+        reinit_head: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(net, dict):  # from a checkpoint's hyper_parameters
@@ -100,12 +110,17 @@ class ResNetClassifier(L.LightningModule):
         net = net or NetworkConfig()
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} entries but num_classes={num_classes}")
-        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "net"])
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "net", "init_from", "reinit_head"])
         self.hparams["net"] = net.overrides()
         # Checkpoints must load with torch.load(weights_only=True): keep hyperparameters plain builtins.
         self.hparams.update(plain_data(dict(self.hparams)))
 
         self.net = create_model(arch, num_classes=num_classes, in_channels=in_channels, **net.overrides())
+        if init_from is not None:
+            rank_zero_info(load_network_weights(self.net, init_from, reinit_head))
+        elif reinit_head:
+            raise CheckpointMismatchError("model.reinit_head needs model.init_from (the checkpoint to fine-tune from)")
+        self.nonfinite = NonFiniteLossGuard(nonfinite_loss)
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
@@ -132,12 +147,48 @@ class ResNetClassifier(L.LightningModule):
         if self.batch_mixer is not None:
             images, targets = self.batch_mixer(images, targets)
             hard_targets = targets.argmax(dim=1)
+        self.nonfinite.before_forward(self.net)
         logits = self(images)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
-        self.train_acc(logits.detach(), hard_targets)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        if self.nonfinite.policy == "skip":
+            self.log("train/nonfinite_skipped", float(self.nonfinite.skipped), on_step=True, on_epoch=False)
+        # Under the "skip" policy this is collective: all ranks agree before anyone drops the step.
+        if self._trainer is not None and self.nonfinite.after_loss(self._trainer, loss, batch_idx):
+            return self.nonfinite.skip_loss(self)  # zero gradients, discarded in on_before_optimizer_step
+        # Per step only what costs nothing: no host sync, no batch-level metric value (see docs/performance.md).
+        self.train_acc.update(logits.detach(), hard_targets)  # train/acc is logged once, at the epoch end
+        # The mean over all processes: the loss of the global batch this optimizer step used.
+        self.log("train/loss", loss, sync_dist=True)
+        if self._trainer is None or batch_idx % self._trainer.log_every_n_steps == 0:
+            # The progress bar converts its values with .item() after every step, a host-device sync on GPUs:
+            # give it a CPU copy, refreshed only when the logger syncs anyway.
+            self.log("loss", loss.detach().float().cpu(), prog_bar=True, logger=False)
         return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self.nonfinite.check(self.trainer)  # "stop" policy: raises NonFiniteLossError naming the bad step
+
+    def on_train_epoch_end(self) -> None:
+        self.nonfinite.check(self.trainer)
+        self.log("train/acc", self.train_acc)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.nonfinite.before_optimizer_step(optimizer)
+
+    def on_train_end(self) -> None:
+        self.nonfinite.check(self.trainer)
+        self.nonfinite.summarize()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is not None:
+            self.nonfinite.check(self.trainer)  # never write a checkpoint after a non-finite loss
+        checkpoint["nonfinite_skipped"] = self.nonfinite.skipped
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._trainer is not None and self.strict_loading:  # restoring through a Trainer (CLI --ckpt_path)
+            check_checkpoint_fits(self, checkpoint)  # lists mismatched keys and shapes, not torch's wall of text
+        self.nonfinite.skipped = int(checkpoint.get("nonfinite_skipped", 0))
 
     def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         images, targets = batch

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torchvision import datasets
 
-from .base import ImageDataModule, RawSplits
+from .base import ImageDataModule, LoaderKind, RawSplits
 from .transforms import Augment
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -59,6 +59,7 @@ class CIFAR10DataModule(ImageDataModule):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         predict_dir: str | None = None,
+        loader: LoaderKind = "dataloader",
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -77,6 +78,7 @@ class CIFAR10DataModule(ImageDataModule):
             transform_style="cifar",
             crop_size=image_size,
             resize_size=image_size,
+            loader=loader,
         )
         self.data_dir = data_dir
         self.download = download

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -113,9 +114,16 @@ class ImageFileDataset(Dataset):
         path, target = self.samples[index]
         try:
             return load_image(path, self.mode), target
-        except CorruptImageError:
+        except CorruptImageError as error:
             if not self.skip_corrupt:
                 raise
+            # Python shows each distinct message once per process: every bad file is named, once.
+            cause = error.__cause__
+            warnings.warn(
+                f"skip_corrupt: replaced undecodable image file {path!r} by the next decodable sample "
+                f"({type(cause).__name__}: {cause})",
+                stacklevel=2,
+            )
         self.counter.increment()
         for offset in range(1, len(self.samples)):
             path, target = self.samples[(index + offset) % len(self.samples)]

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Subset
 
-from .base import ImageDataModule, RawSplits
+from .base import ImageDataModule, LoaderKind, RawSplits
 from .datasets import TensorImageDataset
 from .errors import DataConfigError
 from .samplers import mix_seed
@@ -51,6 +51,7 @@ class DigitsDataModule(ImageDataModule):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         predict_dir: str | None = None,
+        loader: LoaderKind = "dataloader",
     ) -> None:
         if not (0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
             raise DataConfigError(
@@ -73,6 +74,7 @@ class DigitsDataModule(ImageDataModule):
             transform_style="plain",
             crop_size=image_size,
             resize_size=image_size,
+            loader=loader,
         )
         self.test_fraction = test_fraction
 

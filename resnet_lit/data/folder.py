@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from typing import Literal
 
-from .base import ImageDataModule, RawSplits
+from .base import ImageDataModule, LoaderKind, RawSplits
 from .datasets import IMAGE_EXTENSIONS, ImageFileDataset, find_images
 from .errors import DataConfigError
 from .transforms import Augment
@@ -63,6 +63,7 @@ class ImageFolderDataModule(ImageDataModule):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         predict_dir: str | None = None,
+        loader: LoaderKind = "dataloader",
     ) -> None:
         if resize_size is None:
             resize_size = round(image_size * 256 / 224) if transform_style == "imagenet" else image_size
@@ -83,6 +84,7 @@ class ImageFolderDataModule(ImageDataModule):
             transform_style=transform_style,
             crop_size=image_size,
             resize_size=resize_size,
+            loader=loader,
         )
         self.root = root
         self.skip_corrupt = skip_corrupt

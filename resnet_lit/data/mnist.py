@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torchvision import datasets
 
-from .base import ImageDataModule, RawSplits
+from .base import ImageDataModule, LoaderKind, RawSplits
 from .transforms import Augment
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -42,6 +42,7 @@ class MNISTDataModule(ImageDataModule):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         predict_dir: str | None = None,
+        loader: LoaderKind = "dataloader",
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -60,6 +61,7 @@ class MNISTDataModule(ImageDataModule):
             transform_style="plain",
             crop_size=image_size,
             resize_size=image_size,
+            loader=loader,
         )
         self.data_dir = data_dir
         self.download = download

@@ -88,6 +88,11 @@ class ResumableTrainSampler(Sampler[tuple[int, int]]):
         self.epoch = epoch
         self._armed = (epoch, num_batches * batch_size)
 
+    @property
+    def next_epoch(self) -> int:
+        """The epoch that the next iteration yields (an armed resume wins over :meth:`set_epoch`)."""
+        return self._armed[0] if self._armed is not None else self.epoch
+
     def epoch_indices(self, epoch: int) -> list[int]:
         """This rank's full list of dataset indices for ``epoch`` (no skipping)."""
         if self.shuffle:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ImageDataModule, RawSplits
+from .base import ImageDataModule, LoaderKind, RawSplits
 from .datasets import TensorImageDataset
 from .samplers import mix_seed
 from .transforms import Augment
@@ -46,6 +46,7 @@ class SyntheticDataModule(ImageDataModule):
         augment: Augment = "none",
         random_erasing: float = 0.0,
         predict_dir: str | None = None,
+        loader: LoaderKind = "dataloader",
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -64,6 +65,7 @@ class SyntheticDataModule(ImageDataModule):
             transform_style="plain",
             crop_size=None,
             resize_size=None,
+            loader=loader,
         )
         self._num_classes = num_classes
         self._in_channels = in_channels

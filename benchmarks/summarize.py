@@ -1,0 +1,71 @@
+"""Summarise the JSON files of benchmarks/gpu_suite.sh (or any `resnet-lit benchmark --json` files) as Markdown.
+
+python benchmarks/summarize.py /tmp/resnet-lit-gpu-bench
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def bench_rows(path: Path) -> list[str]:
+    data = json.loads(path.read_text())
+    rows = []
+    for result in data["results"]:
+        c = result["config"]
+        ratio = result.get("ratio_to_loop")
+        rows.append(
+            f"| {path.stem} | {result['runner']} | {c['model']} | {c['image_size']} | {c['batch_size']} | "
+            f"{c['precision']} | {c['memory_format']} | {'yes' if c['compile'] else 'no'} | "
+            f"{result['images_per_s']:,.0f} | {', '.join(f'{s:,.0f}' for s in result['samples'])} | "
+            f"{result['peak_memory_mb'] or 0:,.0f} | {'' if ratio is None else f'{ratio:.3f}'} |"
+        )
+    machine = data.get("machine", {})
+    rows.append(f"|  | {machine.get('gpu', machine.get('cpu', ''))}; torch {machine.get('torch')} |" + " |" * 10)
+    return rows
+
+
+def main(folder: str) -> int:
+    root = Path(folder)
+    print(
+        "| run | runner | model | px | batch | precision | format | compile | images/s (median) | all runs | "
+        "peak MiB | fit/loop |"
+    )
+    print("|" + " --- |" * 12)
+    for path in sorted(root.glob("*.json")):
+        data = json.loads(path.read_text())
+        if "results" in data:
+            print("\n".join(bench_rows(path)))
+    eager, compiled = root / "r50_eager.json", root / "r50_compiled.json"
+    if eager.is_file() and compiled.is_file():
+        rates = {}
+        for name, path in (("eager", eager), ("compiled", compiled)):
+            for result in json.loads(path.read_text())["results"]:
+                rates[(name, result["runner"])] = result["images_per_s"]
+        for runner in ("loop", "fit"):
+            if (("eager", runner) in rates) and (("compiled", runner) in rates):
+                speedup = rates[("compiled", runner)] / rates[("eager", runner)]
+                print(f"\nResNet-50 torch.compile speedup ({runner}): {speedup:.2f}x")
+    tta = root / "cifar10_time_to_accuracy.json"
+    if tta.is_file():
+        data = json.loads(tta.read_text())
+        history = data.get("history", [])
+        reached = data.get("reached_seconds")
+        target = data.get("target", 0.94)
+        print(
+            f"\nCIFAR-10 ResNet-18 recipe (loader: {data.get('loader')}): "
+            + (f"val/acc >= {target} after {reached:.1f} s of training" if reached else f"{target} not reached")
+            + f", best val/acc {data.get('best', float('nan')):.4f} after {len(history)} epochs"
+            + (f" ({history[-1]['seconds']:.1f} s)" if history else "")
+            + f"; whole process {data.get('process_seconds', float('nan')):.1f} s"
+        )
+        if history:
+            points = (f"{h['epoch']}:{h['seconds']:.1f}s/{h['val/acc']:.3f}" for h in history)
+            print("epoch:seconds/val acc: " + ", ".join(points))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1] if len(sys.argv) > 1 else "."))

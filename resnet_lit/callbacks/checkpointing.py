@@ -1,0 +1,140 @@
+"""`ResumableCheckpoint`: ModelCheckpoint whose `last.ckpt` is always current."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class ResumableCheckpoint(ModelCheckpoint):
+    """`ModelCheckpoint` tuned for resuming: `last.ckpt` is rewritten at every step/time interval and at every
+    epoch end, whatever the monitored metric does.
+
+    Differences from Lightning's `ModelCheckpoint` (all arguments are the same):
+
+    * `every_n_train_steps` / `train_time_interval` refresh `last.ckpt` immediately, also before the monitored
+      metric exists (Lightning defers such saves to the next validation, i.e. to the end of the first epoch,
+      which for ImageNet is hours). Mid-epoch saves write only `last.ckpt`; ranked "best" checkpoints are
+      saved when the monitored metric is fresh, after validation. With `monitor: null` the interval saves
+      also write the rolling `save_top_k` files, as in Lightning.
+    * With an interval set, Lightning stops saving at epoch ends; here `every_n_epochs` still defaults to 1,
+      so the best-k files follow every validation and `last.ckpt` is written at every epoch end.
+    * `last.ckpt` is written at every epoch end, not only when a top-k file was written.
+    * No interval save on the last batch of an epoch (the epoch-end save follows right after it), nor in the
+      middle of a gradient accumulation (a checkpoint cannot hold half-accumulated gradients).
+
+    This applies with `save_last: true` (the resnet-lit default) and automatic optimization; otherwise the
+    callback behaves exactly like Lightning's.
+
+    Checkpoints are written atomically by the resnet-lit CLI's `AtomicCheckpointIO` (write, fsync, rename),
+    so a crash during a save leaves the previous `last.ckpt` intact.
+    """
+
+    def __init__(
+        self,
+        dirpath: _PATH | None = None,
+        filename: str | None = None,
+        monitor: str | None = None,
+        verbose: bool = False,
+        save_last: bool | Literal["link"] | None = None,
+        save_top_k: int = 1,
+        save_on_exception: bool = False,
+        save_weights_only: bool = False,
+        mode: str = "min",
+        auto_insert_metric_name: bool = True,
+        every_n_train_steps: int | None = None,
+        train_time_interval: timedelta | None = None,
+        every_n_epochs: int | None = None,
+        save_on_train_epoch_end: bool | None = None,
+        enable_version_counter: bool = True,
+    ) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            filename=filename,
+            monitor=monitor,
+            verbose=verbose,
+            save_last=save_last,
+            save_top_k=save_top_k,
+            save_on_exception=save_on_exception,
+            save_weights_only=save_weights_only,
+            mode=mode,
+            auto_insert_metric_name=auto_insert_metric_name,
+            every_n_train_steps=every_n_train_steps,
+            train_time_interval=train_time_interval,
+            every_n_epochs=every_n_epochs,
+            save_on_train_epoch_end=save_on_train_epoch_end,
+            enable_version_counter=enable_version_counter,
+        )
+        if every_n_epochs is None:
+            self._every_n_epochs = 1
+
+    def _uses_parent_logic(self, pl_module: pl.LightningModule) -> bool:
+        # save_last: link makes last.ckpt a link to the newest ranked file, which mid-epoch saves do not write.
+        return self.save_last is not True or not pl_module.automatic_optimization
+
+    def _interval_due(self, trainer: pl.Trainer) -> bool:
+        due = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
+        if self._train_time_interval is not None:
+            now = time.monotonic()
+            previous = self._last_time_checked
+            time_due = previous is not None and now - previous >= self._train_time_interval.total_seconds()
+            time_due = trainer.strategy.broadcast(time_due)  # one clock decides, so all ranks save together
+            if time_due:
+                self._last_time_checked = now
+            due = due or time_due
+        return due
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._uses_parent_logic(pl_module):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            return
+        if not self._interval_due(trainer) or self._should_skip_saving_checkpoint(trainer):
+            return
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if epoch_loop.batch_progress.is_last_batch:
+            return  # the epoch-end save (after validation) comes next
+        if epoch_loop._should_accumulate():
+            return  # mid gradient accumulation: the accumulated gradients are not in a checkpoint
+        candidates = self._monitor_candidates(trainer)
+        if self.monitor is None:
+            self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._uses_parent_logic(pl_module):
+            super().on_train_epoch_end(trainer, pl_module)
+            return
+        if self._should_skip_saving_checkpoint(trainer):
+            return  # saved at this step already (e.g. after this epoch's validation)
+        self._save_epoch_end(trainer, top_k=self._should_save_on_train_epoch_end(trainer))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._uses_parent_logic(pl_module):
+            super().on_validation_end(trainer, pl_module)
+            return
+        if self._should_skip_saving_checkpoint(trainer) or self._should_save_on_train_epoch_end(trainer):
+            return
+        self._save_epoch_end(trainer, top_k=True)
+
+    def _save_epoch_end(self, trainer: pl.Trainer, top_k: bool) -> None:
+        candidates = self._monitor_candidates(trainer)
+        if top_k and self._every_n_epochs >= 1 and (trainer.current_epoch + 1) % self._every_n_epochs == 0:
+            self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+
+    def save_last_now(self, trainer: pl.Trainer) -> str:
+        """Write `last.ckpt` for the current step unless that was done already; return its path.
+
+        Call it on all ranks (saving is collective), at a point where the loops' state is consistent
+        (`on_train_batch_end`, `on_train_epoch_end`), e.g. on preemption.
+        """
+        if self._last_global_step_saved != trainer.global_step or not self.last_model_path:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        return self.last_model_path

@@ -1,0 +1,206 @@
+"""Crash-safe checkpoint files: atomic writes, weights-only loading, readable architecture mismatches.
+
+Lightning's own ``_atomic_save`` serialises to memory and then lets fsspec write a temporary file in the
+system temp folder (``/tmp``) and ``shutil.move`` it over the target. When ``/tmp`` and the checkpoint
+folder are on different filesystems (a local disk and NFS/Lustre, the usual cluster layout) that move is a
+copy that overwrites ``last.ckpt`` in place, and nothing is fsynced: a kill or a node failure during the
+copy leaves a truncated ``last.ckpt``. :class:`AtomicCheckpointIO` writes next to the target instead,
+fsyncs, and renames with :func:`os.replace`, so ``last.ckpt`` is always either the previous or the new
+complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.fabric.utilities.types import _PATH
+from torch import nn
+
+TEMP_SUFFIX = ".partial"
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+    """``torch.save(obj, path)`` that never leaves a partial file at ``path``.
+
+    Writes ``.<name>.partial`` in the same folder, flushes and fsyncs it, renames it over ``path`` with
+    :func:`os.replace` (atomic on POSIX within one filesystem), then fsyncs the folder so that the rename
+    itself survives a power or node failure.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    temp = os.path.join(folder, f".{os.path.basename(path)}{TEMP_SUFFIX}")
+    try:
+        with open(temp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. platforms that cannot open folders
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning ``CheckpointIO`` with same-folder temp file + fsync + ``os.replace`` writes for local paths
+    and ``weights_only=True`` loading unless told otherwise. Remote URLs (``s3://`` ...) use Lightning's path.
+
+    The resnet-lit CLI installs it in place of Lightning's default ``TorchCheckpointIO``.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        if storage_options is not None or not _is_local_file_protocol(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(
+        self,
+        path: _PATH,
+        map_location: Callable | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        return super().load_checkpoint(path, map_location, weights_only=True if weights_only is None else weights_only)
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint's weights do not fit the model (the message lists the keys and shapes that differ), or
+    the `model.init_from` / `model.reinit_head` settings are unusable."""
+
+
+def state_dict_mismatch(
+    model_state: Mapping[str, Any], checkpoint_state: Mapping[str, Any]
+) -> tuple[list[str], list[str], list[tuple[str, tuple[int, ...], tuple[int, ...]]]]:
+    """``(missing, unexpected, shape mismatches)`` of loading ``checkpoint_state`` into ``model_state``.
+
+    Shape mismatches are ``(key, checkpoint shape, model shape)``.
+    """
+    missing = sorted(k for k in model_state if k not in checkpoint_state)
+    unexpected = sorted(k for k in checkpoint_state if k not in model_state)
+    shapes = []
+    for key in sorted(set(model_state) & set(checkpoint_state)):
+        ours, theirs = model_state[key], checkpoint_state[key]
+        if isinstance(ours, torch.Tensor) and isinstance(theirs, torch.Tensor) and ours.shape != theirs.shape:
+            shapes.append((key, tuple(theirs.shape), tuple(ours.shape)))
+    return missing, unexpected, shapes
+
+
+def describe_mismatch(
+    missing: list[str],
+    unexpected: list[str],
+    shapes: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
+    limit: int = 12,
+) -> str:
+    """A readable multi-line list of what differs (at most ``limit`` keys per kind)."""
+
+    def listed(keys: list[str]) -> str:
+        more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+        return ", ".join(keys[:limit]) + more
+
+    lines = []
+    if shapes:
+        lines.append(f"  {len(shapes)} shape mismatch(es) (checkpoint -> model):")
+        lines.extend(f"    {key}: {list(ckpt)} -> {list(model)}" for key, ckpt, model in shapes[:limit])
+        if len(shapes) > limit:
+            lines.append(f"    ... ({len(shapes) - limit} more)")
+    if missing:
+        lines.append(f"  {len(missing)} key(s) of the model missing from the checkpoint: {listed(missing)}")
+    if unexpected:
+        lines.append(f"  {len(unexpected)} key(s) of the checkpoint not in the model: {listed(unexpected)}")
+    return "\n".join(lines)
+
+
+def classifier_head_prefix(net: nn.Module) -> str | None:
+    """Name of the network's last ``nn.Linear`` (the classifier), e.g. ``head.fc``; None if it has none."""
+    name = None
+    for module_name, module in net.named_modules():
+        if isinstance(module, nn.Linear):
+            name = module_name
+    return name
+
+
+def load_network_weights(net: nn.Module, path: str, reinit_head: bool) -> str:
+    """Load ``path`` (a resnet-lit/Lightning checkpoint or a plain state dict of the network) into ``net``.
+
+    With ``reinit_head`` the classifier head keeps its fresh initialisation, whatever its shape in the
+    checkpoint (fine-tuning on other classes). Every other tensor must match in name and shape, else
+    :class:`CheckpointMismatchError` lists the differences. Loads with ``weights_only=True``. Returns a
+    one-line report.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointMismatchError(f"model.init_from: no such checkpoint file {path!r}")
+    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointMismatchError(f"model.init_from: {path!r} holds neither a checkpoint nor a state dict")
+    if any(key.startswith("net.") for key in state):  # a ResNetClassifier checkpoint
+        state = {key[len("net.") :]: value for key, value in state.items() if key.startswith("net.")}
+    own = net.state_dict()
+    head = classifier_head_prefix(net)
+    head_keys = {key for key in own if head is not None and key.startswith(f"{head}.")}
+    if reinit_head:
+        compared_own = {k: v for k, v in own.items() if k not in head_keys}
+        compared_ckpt = {k: v for k, v in state.items() if k not in head_keys}
+    else:
+        compared_own, compared_ckpt = own, state
+    missing, unexpected, shapes = state_dict_mismatch(compared_own, compared_ckpt)
+    if missing or unexpected or shapes:
+        hint = ""
+        if shapes and not missing and not unexpected and {key for key, _, _ in shapes} <= head_keys:
+            hint = "\nOnly the classifier head differs: set model.reinit_head: true to train a new head."
+        raise CheckpointMismatchError(
+            f"model.init_from: the weights in {path!r} do not fit this network:\n"
+            f"{describe_mismatch(missing, unexpected, shapes)}{hint}"
+        )
+    net.load_state_dict(compared_ckpt, strict=not reinit_head)
+    report = f"resnet-lit: initialised {len(compared_ckpt)} tensors of the network from {path}"
+    if reinit_head and head_keys:
+        changes = []
+        for key in sorted(head_keys):
+            before = list(state[key].shape) if key in state else "absent"
+            changes.append(f"{key} {before} -> {list(own[key].shape)}")
+        report += f"; re-initialised the classification head because model.reinit_head is true ({', '.join(changes)})"
+    return report
+
+
+def check_checkpoint_fits(model: nn.Module, checkpoint: Mapping[str, Any]) -> None:
+    """Raise :class:`CheckpointMismatchError` listing keys and shapes if ``checkpoint['state_dict']`` does not
+    load into ``model`` strictly, with the architecture hyperparameters of both sides."""
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, Mapping):
+        return
+    missing, unexpected, shapes = state_dict_mismatch(model.state_dict(), state)
+    if not (missing or unexpected or shapes):
+        return
+    keys = ("arch", "net", "num_classes", "in_channels")
+    saved = checkpoint.get("hyper_parameters", {})
+    ours = getattr(model, "hparams", {})
+    theirs = ", ".join(f"{k}={saved.get(k)!r}" for k in keys if k in saved)
+    mine = ", ".join(f"{k}={ours.get(k)!r}" for k in keys if k in ours)
+    raise CheckpointMismatchError(
+        "the checkpoint does not fit this model's architecture:\n"
+        f"{describe_mismatch(missing, unexpected, shapes)}\n"
+        f"  checkpoint: {theirs or 'no hyperparameters'}\n  model:      {mine}\n"
+        "Use the checkpoint's architecture, or start a new run that fine-tunes from it with "
+        "model.init_from (and model.reinit_head: true for other classes)."
+    )

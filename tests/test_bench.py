@@ -1,0 +1,115 @@
+"""The benchmark suite runs at tiny sizes: every runner, synthetic and real (ImageFolder) data, the table, the
+JSON, `resnet-lit benchmark`, and the timing callbacks. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+
+from fakedata import write_image_folder
+from resnet_lit.bench import StepTimer, TimeToAccuracy, main
+from resnet_lit.cli import main as cli_main
+from resnet_lit.data import SyntheticDataModule
+from resnet_lit.module import NetworkConfig, ResNetClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--model", "resnet20", "--image-size", "8", "--batch-size", "4", "--warmup", "1", "--steps", "2"]
+
+
+def test_loop_fit_and_pipeline_on_synthetic_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    assert main([*TINY, "--runners", "loop,fit,pipeline", "--repeats", "2", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "fit/loop" in table and "images/s" in table
+    data = json.loads(out.read_text())
+    assert {r["runner"] for r in data["results"]} == {"loop", "fit", "pipeline"}
+    assert len(data["measurements"]) == 6 and data["machine"]["torch_threads"] >= 1
+    for result in data["results"]:
+        assert result["images_per_s"] > 0 and len(result["samples"]) == 2
+        assert result["config"]["loader"] == "device" and result["config"]["device"] == "cpu"
+    fit = next(r for r in data["results"] if r["runner"] == "fit")
+    assert fit["ratio_to_loop"] > 0 and "ratio_to_loop_quiet" in fit["extra"]
+
+
+def test_configuration_lists_multiply_and_give_speedups(tmp_path: Path) -> None:
+    out = tmp_path / "formats.json"
+    argv = [*TINY, "--runners", "loop", "--precision", "32-true,bf16-mixed", "--memory-format",
+            "contiguous,channels_last", "--repeats", "1", "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads(out.read_text())["results"]
+    assert len(results) == 4
+    base = [r for r in results if r["ratio_to_baseline"] is None]
+    assert [(r["config"]["precision"], r["config"]["memory_format"]) for r in base] == [("32-true", "contiguous")]
+    assert all(r["ratio_to_baseline"] > 0 for r in results if r not in base)
+
+
+def test_real_image_folder_data(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "images", classes=("a", "b"), per_class=8, size=10)
+    out = tmp_path / "real.json"
+    argv = ["--data", str(root), "--image-size", "8", "--batch-size", "4", "--warmup", "1", "--steps", "2",
+            "--runners", "pipeline,loop,fit", "--num-workers", "0,1", "--num-classes", "2", "--repeats", "1",
+            "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads(out.read_text())["results"]
+    assert {(r["runner"], r["config"]["num_workers"]) for r in results} == {
+        (runner, workers) for runner in ("pipeline", "loop", "fit") for workers in (0, 1)
+    }
+    assert all(r["config"]["loader"] == "dataloader" for r in results)
+
+
+def test_resnet_lit_benchmark_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cli_main(["benchmark", *TINY, "--runners", "loop", "--repeats", "1", "--json", str(tmp_path / "b.json")])
+    assert "loop" in capsys.readouterr().out and (tmp_path / "b.json").is_file()
+    summary = subprocess.run([sys.executable, str(REPO / "benchmarks" / "summarize.py"), str(tmp_path)],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+    assert "| b | loop | resnet20 |" in summary.stdout
+
+
+def test_bad_arguments_exit_with_a_message() -> None:
+    with pytest.raises(SystemExit, match="neither 'synthetic' nor a folder"):
+        main(["--data", "/no/such/folder"])
+    with pytest.raises(SystemExit):
+        main(["--precision", "fp8"])
+
+
+def _tiny_fit(tmp_path: Path, callback: L.Callback, num_samples: int = 12, max_epochs: int = -1) -> L.Trainer:
+    trainer = L.Trainer(accelerator="cpu", max_epochs=max_epochs, max_steps=100, default_root_dir=tmp_path,
+                        callbacks=[callback], enable_progress_bar=False, enable_model_summary=False,
+                        logger=False, enable_checkpointing=False, use_distributed_sampler=False)  # fmt: skip
+    model = ResNetClassifier(net=NetworkConfig(layers=[1], widths=[4], strides=[1], stem_width=4))
+    data = SyntheticDataModule(image_size=8, num_samples=num_samples, num_val_samples=8, batch_size=4,
+                               loader="device")  # fmt: skip
+    trainer.fit(model, datamodule=data)
+    return trainer
+
+
+def test_step_timer_leaves_out_steps_across_epoch_boundaries(tmp_path: Path) -> None:
+    timer = StepTimer(warmup=1, steps=5)
+    trainer = _tiny_fit(tmp_path, timer)  # 3 batches per epoch
+    assert timer.done and timer.timed_steps == 5 and timer.seconds > 0
+    # warm-up 1 step, then 1 timed step in epoch 0; the first step of every epoch only restarts the clock.
+    assert trainer.current_epoch >= 3 and trainer.global_step < 5 + 1 + 2 * trainer.current_epoch + 1
+
+
+def test_time_to_accuracy_records_validations_and_stops_at_the_target(tmp_path: Path) -> None:
+    output = tmp_path / "tta.json"
+    callback = TimeToAccuracy(target=0.0, output=str(output))
+    trainer = _tiny_fit(tmp_path, callback, max_epochs=5)
+    data = json.loads(output.read_text())
+    assert trainer.current_epoch == 1  # stopped after the first validation
+    assert data["reached_seconds"] is not None and len(data["history"]) == 1 and data["target"] == 0.0
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_interleaved_and_sequential_runs_time_the_same_steps(tmp_path: Path, interleave: bool) -> None:
+    out = tmp_path / "runs.json"
+    argv = [*TINY, "--runners", "loop,fit", "--repeats", "1", "--json", str(out)]
+    assert main(argv if interleave else [*argv, "--no-interleave"]) == 0
+    measurements = json.loads(out.read_text())["measurements"]
+    assert sorted(m["runner"] for m in measurements) == ["fit", "loop"]
+    assert all(m["steps"] == 2 and m["quiet_images_per_s"] > 0 for m in measurements)

@@ -1,0 +1,216 @@
+"""Exact resume: a run interrupted anywhere and resumed with `--ckpt_path last` ends where the uninterrupted
+run ends (final val/loss to 1e-6), after an in-process crash, a real SIGKILL, SIGTERM and SLURM's SIGUSR1.
+
+All runs are the PARITY_FIT job (quickstart for 2 epochs = 38 steps, drop-path 0.1, checkpoints every 5 steps).
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from faultinject import (
+    PARITY_FIT,
+    STEPS_PER_EPOCH,
+    Crash,
+    checkpoint_step,
+    cli_command,
+    fault_env,
+    last_metric,
+    wait_for,
+)
+
+from resnet_lit.callbacks import Preempted, PreemptionHandler, RankStateCheckpoint, ResumableCheckpoint
+from resnet_lit.callbacks.rng_state import CHECKPOINT_KEY, capture_rng_state, restore_rng_state
+from resnet_lit.checkpoint_io import AtomicCheckpointIO
+from resnet_lit.cli import ResNetLitCLI
+
+TOTAL_STEPS = 2 * STEPS_PER_EPOCH
+TOLERANCE = 1e-6
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
+    """The reference: the parity job run once without interruption (in this process)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    cli = ResNetLitCLI(args=[*PARITY_FIT, "--trainer.default_root_dir", str(root)])
+    assert cli.trainer.global_step == TOTAL_STEPS
+    assert checkpoint_step(root / "checkpoints" / "last.ckpt") == TOTAL_STEPS  # last.ckpt is current at the end
+    return {key: float(value) for key, value in cli.trainer.callback_metrics.items()}
+
+
+def test_fit_installs_the_fault_tolerance_pieces(tmp_path: Path) -> None:
+    cli = ResNetLitCLI(args=[*PARITY_FIT[1:], "--trainer.default_root_dir", str(tmp_path)], run=False)
+    kinds = [type(cb) for cb in cli.trainer.callbacks]
+    assert RankStateCheckpoint in kinds and PreemptionHandler in kinds and ResumableCheckpoint in kinds
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("crash_step", "saved_step"),
+    [(STEPS_PER_EPOCH, STEPS_PER_EPOCH), (13, 10)],
+    ids=["epoch-boundary", "mid-epoch"],
+)
+def test_crash_and_resume_matches_the_uninterrupted_run(
+    tmp_path: Path, uninterrupted: dict[str, float], crash_step: int, saved_step: int
+) -> None:
+    run = [*PARITY_FIT, "--trainer.default_root_dir", str(tmp_path)]
+    with pytest.raises(Crash):
+        ResNetLitCLI(
+            args=[*run, "--trainer.callbacks+=faultinject.CrashAtStep", f"--trainer.callbacks.step={crash_step}"]
+        )
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    # Step 10 is in the first epoch, before any validation: the step checkpoint did not wait for val/acc.
+    assert checkpoint_step(last) == saved_step
+    saved = torch.load(last, map_location="cpu", weights_only=True)[CHECKPOINT_KEY]
+    assert saved["world_size"] == 1 and set(saved["ranks"][0]["rng"]) == {"torch", "cuda", "numpy", "python"}
+
+    resumed = ResNetLitCLI(args=[*run, "--ckpt_path", "last"])
+    assert resumed.trainer.global_step == TOTAL_STEPS
+    metrics = {key: float(value) for key, value in resumed.trainer.callback_metrics.items()}
+    assert metrics["val/loss"] == pytest.approx(uninterrupted["val/loss"], abs=TOLERANCE)
+    assert metrics["val/acc"] == pytest.approx(uninterrupted["val/acc"], abs=TOLERANCE)
+    # The epoch's training accuracy continues from the checkpoint's partial counts, on every rank.
+    assert metrics["train/acc"] == pytest.approx(uninterrupted["train/acc"], abs=TOLERANCE)
+
+
+def test_rng_state_round_trip_is_weights_only_loadable(tmp_path: Path) -> None:
+    import random as pyrandom
+
+    import numpy as np
+
+    state = capture_rng_state()
+    expected = (torch.rand(3), np.random.rand(3), pyrandom.random())
+    torch.save(state, tmp_path / "rng.pt")
+    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = (torch.rand(3), np.random.rand(3), pyrandom.random())
+    assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_moment_then_resume_matches(tmp_path: Path, uninterrupted: dict[str, float]) -> None:
+    seed = random.randrange(1 << 30)
+    delay = random.Random(seed).uniform(0.0, 1.0)
+    command = cli_command(*PARITY_FIT, "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", "last")
+    env = fault_env()
+    process = subprocess.Popen(
+        [*command, "--trainer.callbacks+=faultinject.SlowSteps"],  # >= 50 ms a step: time to kill it mid-run
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    wait_for(last, process)
+    try:
+        process.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL, f"not killed mid-run (delay {delay:.3f} s, seed {seed})"
+    killed_at = checkpoint_step(last)  # loadable: the kill never leaves a partial last.ckpt
+    assert 0 < killed_at < TOTAL_STEPS
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Restored all states from the checkpoint at {last}" in resumed.stdout + resumed.stderr
+    assert checkpoint_step(last) == TOTAL_STEPS
+    final = last_metric(tmp_path / "metrics.csv", "val/loss")
+    assert final == pytest.approx(uninterrupted["val/loss"], abs=TOLERANCE), f"killed after step {killed_at}"
+
+
+def _signal_mid_run(tmp_path: Path, signum: int, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Start the parity job, send `signum` once the first checkpoint exists, return its result and command."""
+    command = cli_command(*PARITY_FIT, "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", "last")
+    process = subprocess.Popen(
+        [*command, "--trainer.callbacks+=faultinject.SlowSteps"], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    wait_for(tmp_path / "checkpoints" / "last.ckpt", process)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err), command
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_the_next_step_exits_and_resumes(tmp_path: Path, uninterrupted: dict[str, float]) -> None:
+    env = fault_env()
+    stopped, command = _signal_mid_run(tmp_path, signal.SIGTERM, env)
+    output = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "Traceback" not in output
+    assert "preempted by SIGTERM" in output and "--ckpt_path last" in output
+    saved_at = checkpoint_step(tmp_path / "checkpoints" / "last.ckpt")
+    assert 5 <= saved_at < TOTAL_STEPS
+    assert f"step {saved_at}; saved" in output  # the checkpoint is of the step at which it stopped
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = last_metric(tmp_path / "metrics.csv", "val/loss")
+    assert final == pytest.approx(uninterrupted["val/loss"], abs=TOLERANCE)
+    with open(tmp_path / "metrics.csv") as f:  # the resumed run continued the log instead of replacing it
+        logged_steps = [int(row["step"]) for row in csv.DictReader(f) if row.get("train/loss")]
+    assert min(logged_steps) < saved_at and max(logged_steps) >= TOTAL_STEPS - 2
+
+
+@pytest.mark.slow
+def test_slurm_requeue_signal_saves_requeues_through_scontrol_and_resumes(
+    tmp_path: Path, uninterrupted: dict[str, float]
+) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "scontrol.calls"
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\n')
+    scontrol.chmod(0o755)
+    slurm = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "r50", "SLURM_JOB_ID": "4242",
+             "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}  # fmt: skip
+    env = fault_env(PATH=f"{bin_dir}:{fault_env()['PATH']}", **slurm)
+    run_dir = tmp_path / "run"
+    stopped, command = _signal_mid_run(run_dir, signal.SIGUSR1, env)
+    output = stopped.stdout + stopped.stderr
+    assert stopped.returncode == 128 + signal.SIGUSR1, output[-3000:]
+    assert "preempted by SIGUSR1" in output and "Traceback" not in output
+    assert calls.read_text().split() == ["requeue", "4242"]
+    assert 5 <= checkpoint_step(run_dir / "checkpoints" / "last.ckpt") < TOTAL_STEPS
+    assert not list(run_dir.glob("hpc_ckpt_*.ckpt"))  # Lightning's in-handler SLURM save is replaced
+
+    # The requeued job runs the same command in the same environment.
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert last_metric(run_dir / "metrics.csv", "val/loss") == pytest.approx(uninterrupted["val/loss"], abs=TOLERANCE)
+
+
+class _FakeTrainer:
+    global_step, current_epoch, is_global_zero = 7, 0, True
+
+
+def test_preemption_is_agreed_over_ranks_and_requeue_outranks_sigterm(monkeypatch: pytest.MonkeyPatch) -> None:
+    import resnet_lit.callbacks.preemption as preemption
+
+    saved: list[int] = []
+    requeued: list[int] = []
+    others: list[int] = []  # what the other ranks contribute to the all-reduce(max)
+    monkeypatch.setattr(preemption, "host_max", lambda trainer, value, group: max([value, *others]))
+    monkeypatch.setattr(preemption, "save_last_checkpoint", lambda trainer: saved.append(1) or "last.ckpt")
+    monkeypatch.setattr(preemption, "requeue_slurm_job", lambda: requeued.append(1) or 0)
+    handler = PreemptionHandler()
+    handler._requeue_signum = signal.SIGUSR1
+
+    others[:] = [0]
+    handler._maybe_stop(_FakeTrainer())  # no rank was signalled: nothing happens
+    assert not saved
+
+    others[:] = [signal.SIGTERM]  # this rank saw nothing, another rank SIGTERM: this rank saves and exits too
+    with pytest.raises(Preempted) as stop:
+        handler._maybe_stop(_FakeTrainer())
+    assert stop.value.code == 128 + signal.SIGTERM and saved == [1] and not requeued
+
+    # This rank got SLURM's SIGUSR1, another SIGTERM: the requeue signal wins.
+    handler._handle(signal.SIGUSR1, None)
+    with pytest.raises(Preempted) as stop:
+        handler._maybe_stop(_FakeTrainer())
+    assert stop.value.code == 128 + signal.SIGUSR1 and requeued == [1]
