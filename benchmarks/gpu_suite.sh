@@ -11,6 +11,7 @@
 #   .whl/                            jsonargparse + docstring-parser + typeshed-client wheels, if the GPU
 #                                    image lacks them (see docs/performance.md, "GPU benchmark")
 # Run from the repo root:  bash benchmarks/gpu_suite.sh
+# SMOKE=1 shrinks every step to seconds (tiny models, CPU is fine) to check the script itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/resnet-lit-gpu-bench}
@@ -33,8 +34,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 $PY - <<'PY' || exit 1
 import jsonargparse, lightning, torch, torchvision
 print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, lightning {lightning.__version__}, "
-      f"jsonargparse {jsonargparse.__version__}, cuda {torch.version.cuda}, cudnn {torch.backends.cudnn.version()}, "
-      f"gpu {torch.cuda.get_device_name()}, bf16 {torch.cuda.is_bf16_supported()}")
+      f"jsonargparse {jsonargparse.__version__}, cuda {torch.version.cuda}, cudnn {torch.backends.cudnn.version()}"
+      + (f", gpu {torch.cuda.get_device_name()}, bf16 {torch.cuda.is_bf16_supported()}"
+         if torch.cuda.is_available() else ", no GPU"))
 PY
 
 stamp "data"
@@ -45,13 +47,22 @@ ls .data/cifar10/train 2>/dev/null | head -3
 
 R50=(--model resnet50 --image-size 224 --batch-size 256 --precision bf16-mixed --memory-format channels_last
      --runners loop,fit --steps 30)
+R18=(--model resnet18_cifar --image-size 32 --batch-size 512)
+CIFAR=(--root .data/cifar10 --max-minutes 2.5)
+if [ "${SMOKE:-0}" = 1 ]; then
+  R50=(--model resnet20 --image-size 32 --batch-size 8 --precision bf16-mixed --runners loop,fit --steps 2)
+  R18=(--model resnet20 --image-size 32 --batch-size 8)
+  CIFAR=(--root "${CIFAR_ROOT:-.data/cifar10}" --max-minutes 0.5 -- --trainer.max_epochs 1
+         --trainer.limit_train_batches 3 --trainer.limit_val_batches 2 --model.arch resnet20
+         --data.init_args.batch_size 16)
+fi
 
 stamp "1. ResNet-50 224 bf16 channels_last, eager"
 timeout 130 $PY -m resnet_lit benchmark "${R50[@]}" --warmup 10 --repeats 2 --json "$OUT/r50_eager.json" \
   > "$LOGS/r50_eager.log" 2>&1; echo "exit $?"; tail -c 3000 "$LOGS/r50_eager.log" | tr "\r" "\n" | tail -n 6
 
 stamp "2. CIFAR-10 time-to-94%, ResNet-18 recipe, loader: device"
-timeout 200 $PY benchmarks/cifar10_time_to_accuracy.py --root .data/cifar10 --out "$OUT" --max-minutes 2.5 \
+timeout 200 $PY benchmarks/cifar10_time_to_accuracy.py --out "$OUT" "${CIFAR[@]}" \
   > "$LOGS/cifar10_tta.log" 2>&1; echo "exit $?"; tail -c 3000 "$LOGS/cifar10_tta.log" | tr "\r" "\n" | tail -n 3
 
 stamp "3. ResNet-50 224 bf16 channels_last, torch.compile"
@@ -59,7 +70,7 @@ timeout 170 $PY -m resnet_lit benchmark "${R50[@]}" --compile true --warmup 12 -
   --json "$OUT/r50_compiled.json" > "$LOGS/r50_compiled.log" 2>&1; echo "exit $?"; tail -c 3000 "$LOGS/r50_compiled.log" | tr "\r" "\n" | tail -n 6
 
 stamp "4. ResNet-18 CIFAR 32 px batch 512 bf16: framework overhead with short steps"
-timeout 60 $PY -m resnet_lit benchmark --model resnet18_cifar --image-size 32 --batch-size 512 \
+timeout 60 $PY -m resnet_lit benchmark "${R18[@]}" \
   --precision bf16-mixed --runners loop,fit --warmup 10 --steps 40 --repeats 2 --json "$OUT/r18_cifar.json" \
   > "$LOGS/r18_cifar.log" 2>&1; echo "exit $?"; tail -c 3000 "$LOGS/r18_cifar.log" | tr "\r" "\n" | tail -n 6
 

@@ -159,7 +159,7 @@ class ResNetClassifier(L.LightningModule):
         self.train_acc.update(logits.detach(), hard_targets)  # train/acc is logged once, at the epoch end
         # The mean over all processes: the loss of the global batch this optimizer step used.
         self.log("train/loss", loss, sync_dist=True)
-        if self._trainer is None or batch_idx % self._trainer.log_every_n_steps == 0:
+        if self._trainer is None or batch_idx % max(1, self._trainer.log_every_n_steps) == 0:
             # The progress bar converts its values with .item() after every step, a host-device sync on GPUs:
             # give it a CPU copy, refreshed only when the logger syncs anyway.
             self.log("loss", loss.detach().float().cpu(), prog_bar=True, logger=False)

@@ -113,3 +113,13 @@ def test_interleaved_and_sequential_runs_time_the_same_steps(tmp_path: Path, int
     measurements = json.loads(out.read_text())["measurements"]
     assert sorted(m["runner"] for m in measurements) == ["fit", "loop"]
     assert all(m["steps"] == 2 and m["quiet_images_per_s"] > 0 for m in measurements)
+
+
+def test_training_step_keeps_per_step_work_off_the_host_device_path(tmp_path: Path) -> None:
+    """train/loss per step without a progress-bar sync, the bar's `loss` a CPU copy, train/acc once per epoch."""
+    timer = StepTimer(warmup=1, steps=2)
+    trainer = _tiny_fit(tmp_path, timer)
+    assert "train/loss" not in trainer.progress_bar_metrics and "loss" in trainer.progress_bar_metrics
+    assert {"train/loss", "train/acc"} <= set(trainer.callback_metrics)
+    model = trainer.lightning_module
+    assert model.train_acc.update_count == 0  # logged at the epoch end, then reset

@@ -12,9 +12,9 @@ Guarantees:
 * Same order and resume semantics as the standard path: training indices come from the same
   :class:`~resnet_lit.data.samplers.ResumableTrainSampler` (seeded shuffle per epoch, rank sharding, padding,
   mid-epoch resume), evaluation indices from the same in-order shard.
-* Augmentation depends only on ``(seed, epoch, index)``: the crop offsets and flip of a sample are bits of
-  :func:`~resnet_lit.data.samplers.sample_seed`, computed on the device. Hence batches are identical on
-  every resume, every world size and every device.
+* Augmentation depends only on ``(seed, epoch, index)``: the crop offsets and flip of a sample are derived
+  from :func:`~resnet_lit.data.samplers.sample_seed`, computed on the device. A sample's augmentation is the
+  same after a resume, at any world size and on any device.
 * Without augmentation (eval splits, ``plain``-style datasets) the batches equal the standard path's batches
   up to float rounding (the normalisation is fused into one multiply-add).
 
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -365,7 +365,3 @@ def _stack(items: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
         )
     images = torch.stack([image.permute(1, 2, 0) for image, _ in items])
     return images, torch.tensor([target for _, target in items], dtype=torch.int64)
-
-
-def is_index_batch(batch: Any) -> bool:
-    return isinstance(batch, IndexBatch)
