@@ -199,11 +199,11 @@ class ResNetClassifier(L.LightningModule):
         # torchmetrics objects sum counts over all ranks at epoch end, so distributed results are exact
         # even when ranks hold different numbers of samples.
         mean_loss.update(loss, weight=targets.shape[0])
-        acc(logits, targets)
+        acc.update(logits, targets)
         self.log(f"{stage}/loss", mean_loss, prog_bar=stage == "val")
         self.log(f"{stage}/acc", acc, prog_bar=stage == "val")
         if top5 is not None:
-            top5(logits, targets)
+            top5.update(logits, targets)
             self.log(f"{stage}/acc_top5", top5)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
