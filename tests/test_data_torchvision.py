@@ -2,46 +2,20 @@
 
 from __future__ import annotations
 
-import pickle
-import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from torchvision import datasets
 
+from fakedata import write_fake_cifar10, write_fake_mnist
 from resnet_lit.data import CIFAR10DataModule, CIFAR100DataModule, FashionMNISTDataModule, MNISTDataModule
 
 PER_BATCH = 6  # images per CIFAR training batch file (5 files)
 NUM_TEST = 10
 
 
-def _write_fake_cifar10(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    folder = data_dir / datasets.CIFAR10.base_folder
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-
-    def dump(name: str, count: int) -> None:
-        entry = {
-            "data": rng.integers(0, 256, (count, 3 * 32 * 32), dtype=np.uint8),
-            "labels": [i % 10 for i in range(count)],
-        }
-        (folder / name).write_bytes(pickle.dumps(entry))
-
-    for name, _ in datasets.CIFAR10.train_list:
-        dump(name, PER_BATCH)
-    dump("test_batch", NUM_TEST)
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
-    # The real files are checked by md5; the fake ones only have to exist.
-    monkeypatch.setattr(datasets.CIFAR10, "train_list", [[n, None] for n, _ in datasets.CIFAR10.train_list])
-    monkeypatch.setattr(datasets.CIFAR10, "test_list", [["test_batch", None]])
-    monkeypatch.setattr(datasets.CIFAR10, "meta", {**datasets.CIFAR10.meta, "md5": None})
-
-
 def test_cifar10_shapes_classes_and_official_test_as_val(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _write_fake_cifar10(tmp_path, monkeypatch)
+    write_fake_cifar10(tmp_path, monkeypatch, per_batch=PER_BATCH, num_test=NUM_TEST)
     dm = CIFAR10DataModule(data_dir=str(tmp_path), batch_size=8, augment="trivialaugment")
     assert (dm.num_classes, dm.in_channels, dm.class_names[0]) == (10, 3, "airplane")
     dm.setup("fit")
@@ -55,7 +29,7 @@ def test_cifar10_shapes_classes_and_official_test_as_val(tmp_path: Path, monkeyp
 
 
 def test_cifar10_val_fraction_holds_out_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _write_fake_cifar10(tmp_path, monkeypatch)
+    write_fake_cifar10(tmp_path, monkeypatch, per_batch=PER_BATCH, num_test=NUM_TEST)
     dm = CIFAR10DataModule(data_dir=str(tmp_path), val_fraction=0.2, batch_size=4)
     splits = dm.splits()
     assert (len(splits.train), len(splits.val), len(splits.test)) == (24, 6, NUM_TEST)
@@ -74,24 +48,9 @@ def test_cifar100_class_names_without_data() -> None:
     assert dm.class_names[:2] == ["apple", "aquarium_fish"]
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    type_code = 0x08  # unsigned byte
-    header = struct.pack(">HBB", 0, type_code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
-def _write_fake_mnist(data_dir: Path, name: str, num_train: int = 24, num_test: int = 8) -> None:
-    raw = data_dir / name / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for prefix, count in (("train", num_train), ("t10k", num_test)):
-        _write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (count, 28, 28)))
-        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(count) % 10)
-
-
 @pytest.mark.parametrize("module_cls", [MNISTDataModule, FashionMNISTDataModule])
 def test_mnist_family_reads_idx_files(tmp_path: Path, module_cls: type[MNISTDataModule]) -> None:
-    _write_fake_mnist(tmp_path, module_cls.dataset_cls.__name__)
+    write_fake_mnist(tmp_path, module_cls.dataset_cls.__name__)
     dm = module_cls(data_dir=str(tmp_path), batch_size=4, val_fraction=0.25, image_size=36)
     assert (dm.num_classes, dm.in_channels, len(dm.class_names)) == (10, 1, 10)
     splits = dm.splits()
