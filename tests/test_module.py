@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from resnet_lit import NetworkConfig, ResNetClassifier
@@ -77,13 +78,14 @@ def test_mixup_and_cutmix_train_with_soft_targets(mixup: float, cutmix: float) -
     loss.backward()
 
 
-def test_label_smoothing_raises_the_loss_floor() -> None:
+def test_label_smoothing_reaches_the_training_loss() -> None:
     torch.manual_seed(0)
     images, targets = torch.randn(4, 3, 32, 32), torch.arange(4)
-    plain = ResNetClassifier(arch="resnet20")
     smooth = ResNetClassifier(arch="resnet20", label_smoothing=0.2)
-    smooth.load_state_dict(plain.state_dict())
-    assert smooth.training_step((images, targets), 0) != plain.training_step((images, targets), 0)
+    loss = smooth.training_step((images, targets), 0)
+    logits = smooth(images)  # train mode: BatchNorm uses batch statistics, so the same logits again
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, targets, label_smoothing=0.2).item(), rel=1e-5)
+    assert loss.item() != pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-3)
 
 
 def test_top5_is_skipped_below_five_classes() -> None:
