@@ -128,6 +128,16 @@ def _check_yaml_files(argv: list[str]) -> None:
             raise SystemExit(f"resnet-lit: error: {path} is not valid YAML: {err}") from None
 
 
+def _run_cli(args: list[str] | None) -> None:
+    """Run the LightningCLI, then close the process group so no gloo/NCCL thread outlives the interpreter
+    (under torchrun an open group can abort the worker at exit after a successful run)."""
+    try:
+        ResNetLitCLI(args=args)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of `resnet-lit` and `python -m resnet_lit`."""
     argv = list(sys.argv[1:] if args is None else args)
@@ -141,7 +151,7 @@ def main(args: Sequence[str] | None = None) -> None:
         return
     _check_yaml_files(argv)
     try:
-        ResNetLitCLI(args=None if args is None else argv)
+        _run_cli(argv if args is not None else None)
     except (RegistryError, DataConfigError, ClusterConfigError, NonFiniteLossError, CheckpointMismatchError) as err:
         raise SystemExit(f"resnet-lit: error: {err}") from None
     except CorruptImageError as err:
