@@ -3,6 +3,7 @@
 from resnet_lit.models import (
     BasicBlock,
     Bottleneck,
+    NetworkConfig,
     ResidualBlock,
     ResNet,
     create_model,
@@ -11,7 +12,7 @@ from resnet_lit.models import (
     register_block,
     register_model,
 )
-from resnet_lit.module import NetworkConfig, ResNetClassifier
+from resnet_lit.module import ResNetClassifier
 
 __version__ = "0.1.0"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import lightning as L
@@ -18,36 +17,8 @@ from torchvision.transforms import v2
 
 from resnet_lit.callbacks.nonfinite import NonFiniteLossGuard, NonFinitePolicy
 from resnet_lit.checkpoint_io import CheckpointMismatchError, check_checkpoint_fits, load_network_weights
-from resnet_lit.models import create_model
+from resnet_lit.models import NetworkConfig, create_model
 from resnet_lit.optim import param_groups, scale_learning_rate
-
-
-@dataclass
-class NetworkConfig:
-    """Overrides of the named architecture; `None` keeps the architecture's own value.
-
-    Any field maps to the `ResNet` constructor argument of the same name, so
-    `net: {stem: deep, shortcut: avgpool_conv_bn}` turns a ResNet-50 into a ResNet-D.
-    """
-
-    block: str | list[str] | None = None
-    layers: list[PositiveInt] | None = None
-    widths: list[PositiveInt] | None = None
-    strides: list[PositiveInt] | None = None
-    stem: str | None = None
-    stem_width: PositiveInt | None = None
-    shortcut: str | None = None
-    groups: PositiveInt | None = None
-    width_per_group: PositiveInt | None = None
-    norm: str | None = None
-    act: str | None = None
-    zero_init_residual: bool | None = None
-    drop_path: NonNegativeFloat | None = None
-    dropout: NonNegativeFloat | None = None
-
-    def overrides(self) -> dict[str, Any]:
-        """The fields that were set, as keyword arguments for `create_model`."""
-        return {k: v for k, v in asdict(self).items() if v is not None}
 
 
 def _default_optimizer(params: Any) -> torch.optim.Optimizer:

@@ -15,7 +15,8 @@ from fakedata import write_image_folder
 from resnet_lit.bench import StepTimer, TimeToAccuracy, main
 from resnet_lit.cli import main as cli_main
 from resnet_lit.data import SyntheticDataModule
-from resnet_lit.module import NetworkConfig, ResNetClassifier
+from resnet_lit.models import NetworkConfig
+from resnet_lit.module import ResNetClassifier
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--model", "resnet20", "--image-size", "8", "--batch-size", "4", "--warmup", "1", "--steps", "2"]

@@ -17,7 +17,7 @@ from faultinject import QUICKSTART, QUIET, checkpoint_step
 from resnet_lit import ResNetClassifier
 from resnet_lit.checkpoint_io import AtomicCheckpointIO, CheckpointMismatchError, atomic_torch_save
 from resnet_lit.cli import main
-from resnet_lit.module import NetworkConfig
+from resnet_lit.models import NetworkConfig
 
 TINY_FIT = ["fit", "--config", QUICKSTART, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", *QUIET]
 

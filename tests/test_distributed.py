@@ -26,8 +26,7 @@ from torch import nn
 from resnet_lit import ResidualBlock, ResNetClassifier, register_block
 from resnet_lit.cli import ResNetLitCLI, main
 from resnet_lit.cluster import Launch, detect_launch
-from resnet_lit.models import BLOCKS
-from resnet_lit.module import NetworkConfig
+from resnet_lit.models import BLOCKS, NetworkConfig
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")

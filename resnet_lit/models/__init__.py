@@ -9,6 +9,7 @@ from resnet_lit.models.blocks import (
     SEBottleneck,
     register_block,
 )
+from resnet_lit.models.config import NetworkConfig
 from resnet_lit.models.describe import format_summary, summarize
 from resnet_lit.models.layers import ACT_LAYERS, NORM_LAYERS, DropPath, SqueezeExcite
 from resnet_lit.models.resnet import ClassifierHead, ResNet
@@ -19,8 +20,9 @@ from resnet_lit.models.zoo import MODELS, build_resnet, create_model, list_model
 
 __all__ = [
     "ACT_LAYERS", "BLOCKS", "MODELS", "NORM_LAYERS", "SHORTCUTS", "STEMS",
-    "BasicBlock", "Bottleneck", "ClassifierHead", "DropPath", "ResNet", "ResidualBlock", "SEBasicBlock",
-    "SEBottleneck", "SqueezeExcite", "Stem", "build_resnet", "create_model", "format_summary", "list_models",
+    "BasicBlock", "Bottleneck", "ClassifierHead", "DropPath", "NetworkConfig", "ResNet", "ResidualBlock",
+    "SEBasicBlock", "SEBottleneck", "SqueezeExcite", "Stem", "build_resnet", "create_model", "format_summary",
+    "list_models",
     "load_torchvision_weights", "register_block", "register_model", "register_shortcut", "register_stem",
     "summarize",
 ]  # fmt: skip
