@@ -16,12 +16,13 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
-from resnet_lit.callbacks import NonFiniteLossError, PredictionCSVWriter, ResumableCheckpoint, install_fault_tolerance
-from resnet_lit.checkpoint_io import CheckpointMismatchError
-from resnet_lit.cluster import ClusterConfigError, check_launch, explain_launch_errors
+from resnet_lit.callbacks import PredictionCSVWriter
 from resnet_lit.commands import ZOO_COMMANDS, run_zoo_command
 from resnet_lit.data import ImageDataModule
 from resnet_lit.data.errors import CorruptImageError, DataConfigError
+from resnet_lit.fault_tolerance import NonFiniteLossError, ResumableCheckpoint, install_fault_tolerance
+from resnet_lit.fault_tolerance.checkpoint_io import CheckpointMismatchError
+from resnet_lit.fault_tolerance.cluster import ClusterConfigError, check_launch, explain_launch_errors
 from resnet_lit.module import ResNetClassifier
 from resnet_lit.registry import RegistryError
 
@@ -87,7 +88,7 @@ class ResNetLitCLI(LightningCLI):
             config.trainer.use_distributed_sampler = False
         if config.trainer.logger in (None, True):
             config.trainer.logger = Namespace(
-                class_path="resnet_lit.loggers.ResumableCSVLogger",
+                class_path="resnet_lit.fault_tolerance.ResumableCSVLogger",
                 init_args=Namespace(save_dir=root, name="", version="", append=self._resumes(config)),
             )
 

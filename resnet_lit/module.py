@@ -15,8 +15,12 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
-from resnet_lit.callbacks.nonfinite import NonFiniteLossGuard, NonFinitePolicy
-from resnet_lit.checkpoint_io import CheckpointMismatchError, check_checkpoint_fits, load_network_weights
+from resnet_lit.fault_tolerance.checkpoint_io import (
+    CheckpointMismatchError,
+    check_checkpoint_fits,
+    load_network_weights,
+)
+from resnet_lit.fault_tolerance.nonfinite import NonFiniteLossGuard, NonFinitePolicy
 from resnet_lit.models import NetworkConfig, create_model
 from resnet_lit.optim import param_groups, scale_learning_rate
 
@@ -47,7 +51,7 @@ class ResNetClassifier(L.LightningModule):
         compile: `torch.compile` the network.
         predict_top_k: how many classes `predict_step` returns per image.
         nonfinite_loss: on a NaN/inf training loss, "stop" training (naming the step and the last checkpoint)
-            or "skip" the step on all ranks and count it (see `resnet_lit.callbacks.nonfinite`).
+            or "skip" the step on all ranks and count it (see `resnet_lit.fault_tolerance.nonfinite`).
         init_from: start from the network weights of this checkpoint (fine-tuning; not a resume, which is
             `--ckpt_path`). Not saved in the hyperparameters.
         reinit_head: with `init_from`, keep a freshly initialised classifier head, e.g. for other classes.

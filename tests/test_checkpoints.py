@@ -15,8 +15,8 @@ import torch
 from faultinject import QUICKSTART, QUIET, checkpoint_step
 
 from resnet_lit import ResNetClassifier
-from resnet_lit.checkpoint_io import AtomicCheckpointIO, CheckpointMismatchError, atomic_torch_save
 from resnet_lit.cli import main
+from resnet_lit.fault_tolerance.checkpoint_io import AtomicCheckpointIO, CheckpointMismatchError, atomic_torch_save
 from resnet_lit.models import NetworkConfig
 
 TINY_FIT = ["fit", "--config", QUICKSTART, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", *QUIET]
@@ -38,7 +38,7 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_file_loadable(tmp_pa
     # rename): os.fsync is where it dies.
     script = (
         "import os, signal, torch\n"
-        "from resnet_lit.checkpoint_io import atomic_torch_save\n"
+        "from resnet_lit.fault_tolerance.checkpoint_io import atomic_torch_save\n"
         "os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)\n"
         f"atomic_torch_save({{'global_step': 2, 'w': torch.zeros(1 << 20)}}, {str(target)!r})\n"
     )

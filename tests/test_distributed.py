@@ -25,7 +25,7 @@ from torch import nn
 
 from resnet_lit import ResidualBlock, ResNetClassifier, register_block
 from resnet_lit.cli import ResNetLitCLI, main
-from resnet_lit.cluster import Launch, detect_launch
+from resnet_lit.fault_tolerance.cluster import Launch, detect_launch
 from resnet_lit.models import BLOCKS, NetworkConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -278,7 +278,7 @@ def test_matching_slurm_layout_is_accepted_and_logged(monkeypatch: pytest.Monkey
     for key, value in {**SLURM_JOB, "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1"}.items():
         monkeypatch.setenv(key, value)
     messages: list[str] = []
-    monkeypatch.setattr("resnet_lit.cluster.rank_zero_info", messages.append)
+    monkeypatch.setattr("resnet_lit.fault_tolerance.cluster.rank_zero_info", messages.append)
     cli = ResNetLitCLI(args=["--config", QUICKSTART, "--trainer.accelerator", "cpu",
                              "--trainer.default_root_dir", str(tmp_path)], run=False)  # fmt: skip
     assert cli.trainer.world_size == 1

@@ -13,8 +13,8 @@ import torch
 from faultinject import QUICKSTART, QUIET, NaNAtStep, cli_command, fault_env, last_metric
 
 from fakedata import write_image_folder
-from resnet_lit.callbacks import NonFiniteLossError, NonFiniteLossGuard
 from resnet_lit.cli import ResNetLitCLI, main
+from resnet_lit.fault_tolerance import NonFiniteLossError, NonFiniteLossGuard
 
 SHORT_FIT = ["fit", "--config", QUICKSTART, "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1",
              "--checkpoint.every_n_train_steps", "5", *QUIET]  # fmt: skip

@@ -25,10 +25,10 @@ from faultinject import (
     wait_for,
 )
 
-from resnet_lit.callbacks import Preempted, PreemptionHandler, RankStateCheckpoint, ResumableCheckpoint
-from resnet_lit.callbacks.rng_state import CHECKPOINT_KEY, capture_rng_state, restore_rng_state
-from resnet_lit.checkpoint_io import AtomicCheckpointIO
 from resnet_lit.cli import ResNetLitCLI
+from resnet_lit.fault_tolerance import Preempted, PreemptionHandler, RankStateCheckpoint, ResumableCheckpoint
+from resnet_lit.fault_tolerance.checkpoint_io import AtomicCheckpointIO
+from resnet_lit.fault_tolerance.rng_state import CHECKPOINT_KEY, capture_rng_state, restore_rng_state
 
 TOTAL_STEPS = 2 * STEPS_PER_EPOCH
 TOLERANCE = 1e-6
@@ -189,7 +189,7 @@ class _FakeTrainer:
 
 
 def test_preemption_is_agreed_over_ranks_and_requeue_outranks_sigterm(monkeypatch: pytest.MonkeyPatch) -> None:
-    import resnet_lit.callbacks.preemption as preemption
+    import resnet_lit.fault_tolerance.preemption as preemption
 
     saved: list[int] = []
     requeued: list[int] = []

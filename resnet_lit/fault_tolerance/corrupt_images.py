@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from resnet_lit.callbacks.distributed import gather_objects
+from resnet_lit.fault_tolerance.distributed import gather_objects
 
 
 class CorruptImageReport(Callback):

@@ -26,7 +26,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torchmetrics import Metric
 
-from resnet_lit.callbacks.distributed import gather_objects
+from resnet_lit.fault_tolerance.distributed import gather_objects
 
 CHECKPOINT_KEY = "resnet_lit_rank_states"
 

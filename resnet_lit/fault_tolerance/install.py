@@ -8,10 +8,10 @@ import lightning.pytorch as pl
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import Checkpoint
 
-from resnet_lit.callbacks.data_faults import CorruptImageReport
-from resnet_lit.callbacks.preemption import PreemptionHandler
-from resnet_lit.callbacks.rng_state import RankStateCheckpoint
-from resnet_lit.checkpoint_io import AtomicCheckpointIO
+from resnet_lit.fault_tolerance.checkpoint_io import AtomicCheckpointIO
+from resnet_lit.fault_tolerance.corrupt_images import CorruptImageReport
+from resnet_lit.fault_tolerance.preemption import PreemptionHandler
+from resnet_lit.fault_tolerance.rng_state import RankStateCheckpoint
 
 
 def install_fault_tolerance(trainer: pl.Trainer) -> None:

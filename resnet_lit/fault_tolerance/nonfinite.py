@@ -31,7 +31,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from resnet_lit.callbacks.distributed import any_rank, max_over_ranks
+from resnet_lit.fault_tolerance.distributed import any_rank, max_over_ranks
 
 NonFinitePolicy = Literal["stop", "skip"]
 

@@ -15,7 +15,7 @@ from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from resnet_lit.callbacks.distributed import host_group, host_max
+from resnet_lit.fault_tolerance.distributed import host_group, host_max
 
 _REQUEUE_RANK = 1000
 
@@ -118,7 +118,7 @@ class PreemptionHandler(Callback):
 
 def save_last_checkpoint(trainer: pl.Trainer) -> str:
     """Write `last.ckpt` for the current step through the run's checkpoint callback; collective."""
-    from resnet_lit.callbacks.checkpointing import ResumableCheckpoint
+    from resnet_lit.fault_tolerance.checkpointing import ResumableCheckpoint
 
     callbacks = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.save_last]
     for callback in callbacks:

@@ -1,0 +1,28 @@
+"""Fault tolerance: what lets a run survive kills, preemption, bad data and bad steps, and resume exactly."""
+
+from resnet_lit.fault_tolerance.checkpoint_io import AtomicCheckpointIO, CheckpointMismatchError
+from resnet_lit.fault_tolerance.checkpointing import ResumableCheckpoint
+from resnet_lit.fault_tolerance.cluster import ClusterConfigError, check_launch, explain_launch_errors
+from resnet_lit.fault_tolerance.corrupt_images import CorruptImageReport
+from resnet_lit.fault_tolerance.csv_logger import ResumableCSVLogger
+from resnet_lit.fault_tolerance.install import install_fault_tolerance
+from resnet_lit.fault_tolerance.nonfinite import NonFiniteLossError, NonFiniteLossGuard
+from resnet_lit.fault_tolerance.preemption import Preempted, PreemptionHandler
+from resnet_lit.fault_tolerance.rng_state import RankStateCheckpoint
+
+__all__ = [
+    "AtomicCheckpointIO",
+    "CheckpointMismatchError",
+    "ClusterConfigError",
+    "CorruptImageReport",
+    "NonFiniteLossError",
+    "NonFiniteLossGuard",
+    "Preempted",
+    "PreemptionHandler",
+    "RankStateCheckpoint",
+    "ResumableCSVLogger",
+    "ResumableCheckpoint",
+    "check_launch",
+    "explain_launch_errors",
+    "install_fault_tolerance",
+]
