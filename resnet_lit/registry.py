@@ -1,8 +1,7 @@
-"""Name -> object registries with wildcard listing, close-match errors and entry-point plugins.
+"""Name -> object registries: lookup by name or dotted import path, close-match errors, entry-point plugins.
 
-One `Registry` instance exists per kind of thing (blocks, stems, shortcuts, models). Names are
-registered with a decorator, looked up by exact name or by dotted import path, and plugin
-packages contribute entries through an entry-point group that is only read on first need.
+One `Registry` exists per kind of part (blocks, stems, shortcuts, models, ...), so YAML can name any part and
+third-party packages can add parts without touching this package. Each entry records where it came from.
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 
 BUILTIN = "built-in"
+USER = "user"
 
 
 class RegistryError(ValueError):
@@ -26,6 +26,10 @@ class RegistryError(ValueError):
 
 class PluginLoadWarning(UserWarning):
     """A plugin entry point failed to load; it is skipped."""
+
+
+class PluginCollisionWarning(PluginLoadWarning):
+    """A plugin entry point has the name of an existing entry; the existing entry is kept."""
 
 
 class Registry(Generic[T]):
@@ -43,8 +47,11 @@ class Registry(Generic[T]):
         self._origins: dict[str, str] = {}
         self._plugins_loaded = entry_point_group is None
 
-    def register(self, name: str | None = None, *, origin: str = BUILTIN) -> Callable[[T], T]:
-        """Decorator that registers its target under `name` (default: the target's `__name__`)."""
+    def register(self, name: str | None = None, *, origin: str = USER) -> Callable[[T], T]:
+        """Decorator that registers its target under `name` (default: the target's `__name__`).
+
+        Entries registered this way are labelled "user"; the package labels its own with `builtin`.
+        """
 
         def decorator(obj: T) -> T:
             key = name or obj.__name__  # type: ignore[attr-defined]
@@ -56,6 +63,10 @@ class Registry(Generic[T]):
             return obj
 
         return decorator
+
+    def builtin(self, name: str) -> Callable[[T], T]:
+        """Decorator for the package's own entries (origin "built-in")."""
+        return self.register(name, origin=BUILTIN)
 
     def get(self, name: str) -> T:
         """Look up `name`; a dotted path like `my_pkg.blocks.MyBlock` is imported without registration."""
@@ -78,7 +89,7 @@ class Registry(Generic[T]):
         return sorted(n for n in self._entries if fnmatch.fnmatchcase(n, pattern))
 
     def origin(self, name: str) -> str:
-        """Where `name` came from: "built-in", "user" or the plugin's distribution name."""
+        """Where `name` came from: "built-in", "user" or "plugin <distribution>"."""
         self.get(name)
         return self._origins.get(name, "import path")
 
@@ -114,10 +125,6 @@ class Registry(Generic[T]):
             dist = ep.dist.name if ep.dist is not None else ep.value
             try:
                 obj = ep.load()
-                if ep.name not in self._entries:
-                    self.register(ep.name, origin=f"plugin {dist}")(obj)
-                elif self._entries[ep.name] is obj:  # the plugin also used the register decorator
-                    self._origins[ep.name] = f"plugin {dist}"
             except Exception as err:
                 warnings.warn(
                     f"resnet-lit: skipping {self.kind} plugin {ep.name!r} from {dist!r} "
@@ -125,3 +132,20 @@ class Registry(Generic[T]):
                     PluginLoadWarning,
                     stacklevel=3,
                 )
+                continue
+            self._add_plugin(ep.name, obj, dist)
+
+    def _add_plugin(self, name: str, obj: T, dist: str) -> None:
+        origin = f"plugin {dist}"
+        existing = self._entries.get(name)
+        if existing is None:
+            self.register(name, origin=origin)(obj)
+        elif existing is obj:  # the plugin's module also registered it with the decorator
+            self._origins[name] = origin
+        else:
+            warnings.warn(
+                f"resnet-lit: {self.kind} plugin {name!r} from package {dist} is ignored: {name!r} is already "
+                f"registered ({self._origins[name]})",
+                PluginCollisionWarning,
+                stacklevel=4,
+            )

@@ -5,8 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +18,18 @@ from torch import nn
 import resnet_lit
 from resnet_lit import ResidualBlock, create_model, list_models, register_block, register_model
 from resnet_lit.cli import main
-from resnet_lit.models import BLOCKS, MODELS
+from resnet_lit.models import (
+    ACT_LAYERS,
+    BLOCKS,
+    MODELS,
+    NORM_LAYERS,
+    SHORTCUTS,
+    STEMS,
+    ModelConfigError,
+    register_shortcut,
+    register_stem,
+)
+from resnet_lit.registry import PluginCollisionWarning, Registry
 
 USER_BLOCK_SOURCE = '''
 from torch import nn
@@ -40,8 +54,8 @@ class {name}(ResidualBlock):
 
 @pytest.fixture
 def isolated_registries(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Let a test register blocks and models without leaking them into other tests."""
-    for registry in (BLOCKS, MODELS):
+    """Let a test register parts without leaking them into other tests."""
+    for registry in (BLOCKS, MODELS, STEMS, SHORTCUTS, NORM_LAYERS, ACT_LAYERS):
         registry.names()  # load plugins first, so they are part of the snapshot
         monkeypatch.setattr(registry, "_entries", dict(registry._entries))
         monkeypatch.setattr(registry, "_origins", dict(registry._origins))
@@ -159,6 +173,117 @@ def test_zero_init_residual_uses_an_overridden_zero_init_last() -> None:
     x = torch.rand(2, 16, 8, 8)
     with torch.no_grad():
         assert torch.equal(block(x), x)
+
+
+# --------------------------------------------------------------------------- origins and plugin collisions
+
+BUILT_IN_NAMES = [
+    (BLOCKS, "basic"), (MODELS, "resnet50"), (STEMS, "imagenet"), (SHORTCUTS, "conv_bn"),
+    (NORM_LAYERS, "batchnorm"), (ACT_LAYERS, "relu"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("registry", "name"), BUILT_IN_NAMES, ids=[r.kind for r, _ in BUILT_IN_NAMES])
+def test_built_in_entries_are_labelled_built_in(registry: Registry[Any], name: str) -> None:
+    assert registry.origin(name) == "built-in"
+
+
+def test_every_register_helper_labels_its_entries_user(isolated_registries: None) -> None:
+    register_block("rltest_block")(NoBnLastBlock)
+    register_model("rltest_model")(lambda **overrides: create_model("resnet20", **overrides))
+    register_stem("rltest_stem")(lambda i, o, norm, act: nn.Conv2d(i, o, 3, padding=1))
+    register_shortcut("rltest_shortcut")(lambda i, o, stride, norm: nn.Conv2d(i, o, 1, stride))
+    NORM_LAYERS.register("rltest_norm")(nn.BatchNorm2d)
+    for registry, name in [(BLOCKS, "rltest_block"), (MODELS, "rltest_model"), (STEMS, "rltest_stem"),
+                           (SHORTCUTS, "rltest_shortcut"), (NORM_LAYERS, "rltest_norm")]:  # fmt: skip
+        assert registry.origin(name) == "user", registry.kind
+    model = create_model("rltest_model", block="rltest_block", stem="rltest_stem", shortcut="rltest_shortcut")
+    assert type(model.stages[0][0]) is NoBnLastBlock
+    assert type(model.stages[1][0].shortcut) is nn.Conv2d
+
+
+@dataclass
+class FakeDistribution:
+    name: str
+
+
+@dataclass
+class FakeEntryPoint:
+    """What `importlib.metadata.entry_points` yields, for a plugin that need not be installed."""
+
+    name: str
+    obj: object
+    dist: FakeDistribution
+    value: str = "rltest_fake:obj"
+
+    def load(self) -> object:
+        return self.obj
+
+
+InstallPlugins = Callable[..., None]
+
+
+@pytest.fixture
+def fake_block_plugins(isolated_registries: None, monkeypatch: pytest.MonkeyPatch) -> InstallPlugins:
+    """Returns a function that makes BLOCKS read the given entry points (and only those) on its next lookup."""
+
+    def install(*eps: FakeEntryPoint) -> None:
+        monkeypatch.setattr(
+            "resnet_lit.registry.entry_points", lambda group: list(eps) if group == BLOCKS.entry_point_group else []
+        )
+        monkeypatch.setattr(BLOCKS, "_plugins_loaded", False)
+
+    return install
+
+
+def test_a_plugin_colliding_with_an_existing_name_is_ignored_with_a_warning(fake_block_plugins: InstallPlugins) -> None:
+    register_block("rltest_mine")(ZeroInitBlock)
+    fake_block_plugins(
+        FakeEntryPoint("basic", NoBnLastBlock, FakeDistribution("my-blocks")),
+        FakeEntryPoint("rltest_mine", NoBnLastBlock, FakeDistribution("my-blocks")),
+        FakeEntryPoint("rltest_new", NoBnLastBlock, FakeDistribution("my-blocks")),
+        FakeEntryPoint("rltest_same", ZeroInitBlock, FakeDistribution("other-blocks")),
+    )
+    register_block("rltest_same")(ZeroInitBlock)  # the plugin's module used the decorator as well
+    with pytest.warns(PluginCollisionWarning) as record:
+        names = BLOCKS.names("*")
+    messages = [str(w.message) for w in record]
+    assert messages == [
+        "resnet-lit: block plugin 'basic' from package my-blocks is ignored: 'basic' is already registered (built-in)",
+        "resnet-lit: block plugin 'rltest_mine' from package my-blocks is ignored: 'rltest_mine' is already "
+        "registered (user)",
+    ]
+    assert BLOCKS.get("basic") is resnet_lit.BasicBlock
+    assert BLOCKS.origin("basic") == "built-in"
+    assert BLOCKS.get("rltest_mine") is ZeroInitBlock
+    assert BLOCKS.origin("rltest_mine") == "user"
+    assert {"rltest_new", "rltest_same"} <= set(names)
+    assert BLOCKS.origin("rltest_new") == "plugin my-blocks"
+    assert BLOCKS.origin("rltest_same") == "plugin other-blocks"
+
+
+def test_a_plugin_without_a_collision_loads_silently(fake_block_plugins: InstallPlugins) -> None:
+    fake_block_plugins(FakeEntryPoint("rltest_quiet", ZeroInitBlock, FakeDistribution("my-blocks")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert BLOCKS.get("rltest_quiet") is ZeroInitBlock
+
+
+class GainBlock(NoBnLastBlock):
+    """A plugin block with its own option."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1, *, gain: float = 1.0, **kwargs) -> None:
+        super().__init__(in_channels, channels, stride, **kwargs)
+        self.gain = gain
+
+
+def test_plugin_blocks_take_options_checked_like_any_block(fake_block_plugins: InstallPlugins) -> None:
+    fake_block_plugins(FakeEntryPoint("rltest_gain", GainBlock, FakeDistribution("my-blocks")))
+    model = create_model("resnet20", block="rltest_gain", block_args={"gain": 0.5})
+    assert {block.gain for stage in model.stages for block in stage} == {0.5}
+    with pytest.raises(ModelConfigError, match=r"^block 'rltest_gain' \(GainBlock\) has no option\(s\) gian; "
+                                               r"valid options: gain$"):  # fmt: skip
+        create_model("resnet20", block="rltest_gain", block_args={"gian": 0.5})
 
 
 # --------------------------------------------------------------------------- entry-point plugins

@@ -1,5 +1,6 @@
 """The residual network zoo: blocks, stems, shortcuts, the ResNet builder and named architectures."""
 
+from resnet_lit.models.block_options import block_options
 from resnet_lit.models.blocks import (
     BLOCKS,
     BasicBlock,
@@ -7,10 +8,12 @@ from resnet_lit.models.blocks import (
     ResidualBlock,
     SEBasicBlock,
     SEBottleneck,
+    SqueezeExciteMixin,
     register_block,
 )
 from resnet_lit.models.config import NetworkConfig
 from resnet_lit.models.describe import format_summary, summarize
+from resnet_lit.models.errors import ModelConfigError
 from resnet_lit.models.layers import ACT_LAYERS, NORM_LAYERS, DropPath, SqueezeExcite
 from resnet_lit.models.resnet import ClassifierHead, ResNet
 from resnet_lit.models.shortcuts import SHORTCUTS, register_shortcut
@@ -20,9 +23,8 @@ from resnet_lit.models.zoo import MODELS, build_resnet, create_model, list_model
 
 __all__ = [
     "ACT_LAYERS", "BLOCKS", "MODELS", "NORM_LAYERS", "SHORTCUTS", "STEMS",
-    "BasicBlock", "Bottleneck", "ClassifierHead", "DropPath", "NetworkConfig", "ResNet", "ResidualBlock",
-    "SEBasicBlock", "SEBottleneck", "SqueezeExcite", "Stem", "build_resnet", "create_model", "format_summary",
-    "list_models",
-    "load_torchvision_weights", "register_block", "register_model", "register_shortcut", "register_stem",
-    "summarize",
+    "BasicBlock", "Bottleneck", "ClassifierHead", "DropPath", "ModelConfigError", "NetworkConfig", "ResNet",
+    "ResidualBlock", "SEBasicBlock", "SEBottleneck", "SqueezeExcite", "SqueezeExciteMixin", "Stem",
+    "block_options", "build_resnet", "create_model", "format_summary", "list_models", "load_torchvision_weights",
+    "register_block", "register_model", "register_shortcut", "register_stem", "summarize",
 ]  # fmt: skip

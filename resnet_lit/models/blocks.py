@@ -1,15 +1,13 @@
 """Residual blocks: g(x) = act(f(x) + shortcut(x)).
 
-`ResidualBlock` is the protocol every block follows. A subclass builds only its residual branch f in
-`__init__` and computes it in `residual()`; the base class owns the shortcut, stochastic depth and the
-activation after the addition. All blocks share one constructor signature so the network builder,
-the YAML config and plugins can treat them alike.
+`ResidualBlock` is the protocol every block follows, so the network builder, YAML configs and plugins can
+treat all blocks alike: a subclass builds and computes only its residual branch f; the base class owns the
+shortcut, stochastic depth and the activation after the sum.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -18,19 +16,21 @@ from resnet_lit.models.shortcuts import ShortcutFactory, build_shortcut
 from resnet_lit.registry import Registry
 
 BLOCKS: Registry[type[ResidualBlock]] = Registry("block", "resnet_lit.blocks")
-
-
-def register_block(name: str | None = None) -> Callable[[type[ResidualBlock]], type[ResidualBlock]]:
-    """Class decorator registering a `ResidualBlock` subclass so YAML can say `block: name`."""
-    return BLOCKS.register(name, origin="user")
+register_block = BLOCKS.register  # class decorator, so YAML can say `block: name`
 
 
 class ResidualBlock(nn.Module):
     """Base class of residual blocks.
 
-    Subclasses set `expansion` (output channels = `channels * expansion`), build their layers after
-    calling `super().__init__(...)`, implement `residual(x)` and, where the last layer is not a norm
-    named `bn_last`, override `zero_init_last()`.
+    A subclass sets `expansion`, calls `super().__init__(in_channels, channels, stride, **kwargs)` with the
+    protocol arguments it does not use itself, builds its layers, and implements `residual(x)` and
+    `zero_init_last()`. Extra keyword parameters of its `__init__` are its options, set from a config by
+    `net.block_args`.
+
+    Class attributes:
+        expansion: output channels = `channels * expansion`.
+        post_activation: True (the original ResNet) applies `act_layer` after the sum; False returns
+            f(x) + shortcut(x) unchanged, as pre-activation blocks need.
 
     Args:
         in_channels: channels of the block input.
@@ -76,19 +76,24 @@ class ResidualBlock(nn.Module):
         return self.act(self.drop_path(self.residual(x)) + self.shortcut(x))
 
     def zero_init_last(self) -> None:
-        """Make f(x) start at zero, so the block starts as its shortcut (Goyal et al., 2017)."""
-        last = getattr(self, "bn_last", None)
-        if last is None:
-            raise NotImplementedError(
-                f"{type(self).__name__} has no `bn_last`; override zero_init_last() to support "
-                "zero_init_residual"
-            )
-        if getattr(last, "weight", None) is None:
-            raise NotImplementedError(
-                f"{type(self).__name__}: zero_init_residual needs a norm layer with an affine weight as "
-                f"`bn_last`, got {type(last).__name__}; use another norm or zero_init_residual=False"
-            )
-        nn.init.zeros_(last.weight)
+        """Make f(x) start at zero, so the block starts as its shortcut (Goyal et al., 2017).
+
+        `ResNet(zero_init_residual=True)` calls it on every block; a block supporting that overrides it.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no `bn_last` fallback any more: override zero_init_last() to zero the "
+            "last layer of its residual branch, or set zero_init_residual=False"
+        )
+
+
+def zero_norm_weight(block: nn.Module, norm: nn.Module) -> None:
+    """Zero the affine weight of `norm`, the last layer of `block`'s residual branch."""
+    if getattr(norm, "weight", None) is None:
+        raise NotImplementedError(
+            f"{type(block).__name__}: zero_init_residual needs a norm layer with an affine weight last in the "
+            f"residual branch, got {type(norm).__name__}; use another norm or zero_init_residual=False"
+        )
+    nn.init.zeros_(norm.weight)
 
 
 class BasicBlock(ResidualBlock):
@@ -97,22 +102,10 @@ class BasicBlock(ResidualBlock):
     expansion = 1
 
     def __init__(
-        self,
-        in_channels: int,
-        channels: int,
-        stride: int = 1,
-        *,
-        groups: int = 1,
-        width_per_group: int = 64,
-        shortcut: str | ShortcutFactory = "conv_bn",
-        norm_layer: NormLayer = nn.BatchNorm2d,
-        act_layer: ActLayer = nn.ReLU,
-        drop_path: float = 0.0,
-    ) -> None:
-        super().__init__(
-            in_channels, channels, stride, groups=groups, width_per_group=width_per_group,
-            shortcut=shortcut, norm_layer=norm_layer, act_layer=act_layer, drop_path=drop_path,
-        )  # fmt: skip
+        self, in_channels: int, channels: int, stride: int = 1, *, groups: int = 1, width_per_group: int = 64,
+        norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = nn.ReLU, **kwargs: Any,
+    ) -> None:  # fmt: skip
+        super().__init__(in_channels, channels, stride, norm_layer=norm_layer, act_layer=act_layer, **kwargs)
         if groups != 1 or width_per_group != 64:
             raise ValueError(
                 f"block 'basic' supports only groups=1 and width_per_group=64, got groups={groups}, "
@@ -124,12 +117,11 @@ class BasicBlock(ResidualBlock):
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
         self.bn2 = norm_layer(channels)
 
-    @property
-    def bn_last(self) -> nn.Module:
-        return self.bn2
-
     def residual(self, x: Tensor) -> Tensor:
         return self.bn2(self.conv2(self.act1(self.bn1(self.conv1(x)))))
+
+    def zero_init_last(self) -> None:
+        zero_norm_weight(self, self.bn2)
 
 
 class Bottleneck(ResidualBlock):
@@ -138,22 +130,10 @@ class Bottleneck(ResidualBlock):
     expansion = 4
 
     def __init__(
-        self,
-        in_channels: int,
-        channels: int,
-        stride: int = 1,
-        *,
-        groups: int = 1,
-        width_per_group: int = 64,
-        shortcut: str | ShortcutFactory = "conv_bn",
-        norm_layer: NormLayer = nn.BatchNorm2d,
-        act_layer: ActLayer = nn.ReLU,
-        drop_path: float = 0.0,
-    ) -> None:
-        super().__init__(
-            in_channels, channels, stride, groups=groups, width_per_group=width_per_group,
-            shortcut=shortcut, norm_layer=norm_layer, act_layer=act_layer, drop_path=drop_path,
-        )  # fmt: skip
+        self, in_channels: int, channels: int, stride: int = 1, *, groups: int = 1, width_per_group: int = 64,
+        norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = nn.ReLU, **kwargs: Any,
+    ) -> None:  # fmt: skip
+        super().__init__(in_channels, channels, stride, norm_layer=norm_layer, act_layer=act_layer, **kwargs)
         width = int(channels * (width_per_group / 64.0)) * groups
         self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
         self.bn1 = norm_layer(width)
@@ -164,39 +144,41 @@ class Bottleneck(ResidualBlock):
         self.conv3 = nn.Conv2d(width, self.out_channels, 1, bias=False)
         self.bn3 = norm_layer(self.out_channels)
 
-    @property
-    def bn_last(self) -> nn.Module:
-        return self.bn3
-
     def residual(self, x: Tensor) -> Tensor:
         out = self.act1(self.bn1(self.conv1(x)))
         out = self.act2(self.bn2(self.conv2(out)))
         return self.bn3(self.conv3(out))
 
+    def zero_init_last(self) -> None:
+        zero_norm_weight(self, self.bn3)
 
-class SEBasicBlock(BasicBlock):
+
+class SqueezeExciteMixin:
+    """Gates a block's residual branch with squeeze-and-excitation; list it before the block class.
+
+    Args:
+        reduction: the SE bottleneck is `out_channels // reduction` wide (at least 8).
+    """
+
+    out_channels: int
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1, *, reduction: int = 16, **kwargs: Any) -> None:
+        super().__init__(in_channels, channels, stride, **kwargs)  # type: ignore[call-arg]
+        self.se = SqueezeExcite(self.out_channels, reduction)
+
+    def residual(self, x: Tensor) -> Tensor:
+        return self.se(super().residual(x))  # type: ignore[misc]
+
+
+class SEBasicBlock(SqueezeExciteMixin, BasicBlock):
     """BasicBlock with squeeze-and-excitation gating of the residual branch."""
 
-    def __init__(self, in_channels: int, channels: int, stride: int = 1, **kwargs) -> None:
-        super().__init__(in_channels, channels, stride, **kwargs)
-        self.se = SqueezeExcite(self.out_channels)
 
-    def residual(self, x: Tensor) -> Tensor:
-        return self.se(super().residual(x))
-
-
-class SEBottleneck(Bottleneck):
+class SEBottleneck(SqueezeExciteMixin, Bottleneck):
     """Bottleneck with squeeze-and-excitation gating of the residual branch (SE-ResNet-50)."""
 
-    def __init__(self, in_channels: int, channels: int, stride: int = 1, **kwargs) -> None:
-        super().__init__(in_channels, channels, stride, **kwargs)
-        self.se = SqueezeExcite(self.out_channels)
 
-    def residual(self, x: Tensor) -> Tensor:
-        return self.se(super().residual(x))
-
-
-BLOCKS.register("basic")(BasicBlock)
-BLOCKS.register("bottleneck")(Bottleneck)
-BLOCKS.register("se_basic")(SEBasicBlock)
-BLOCKS.register("se_bottleneck")(SEBottleneck)
+BLOCKS.builtin("basic")(BasicBlock)
+BLOCKS.builtin("bottleneck")(Bottleneck)
+BLOCKS.builtin("se_basic")(SEBasicBlock)
+BLOCKS.builtin("se_bottleneck")(SEBottleneck)

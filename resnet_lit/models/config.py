@@ -13,10 +13,12 @@ class NetworkConfig:
     """Overrides of the named architecture; `None` keeps the architecture's own value.
 
     Any field maps to the `ResNet` constructor argument of the same name, so
-    `net: {stem: deep, shortcut: avgpool_conv_bn}` turns a ResNet-50 into a ResNet-D.
+    `net: {stem: deep, shortcut: avgpool_conv_bn}` turns a ResNet-50 into a ResNet-D, and
+    `net: {block: se_bottleneck, block_args: {reduction: 8}}` sets an option of every block.
     """
 
     block: str | list[str] | None = None
+    block_args: dict[str, Any] | list[dict[str, Any]] | None = None
     layers: list[PositiveInt] | None = None
     widths: list[PositiveInt] | None = None
     strides: list[PositiveInt] | None = None

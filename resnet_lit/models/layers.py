@@ -1,4 +1,4 @@
-"""Small building blocks shared by stems, blocks and shortcuts: norm/activation lookup, DropPath, SE."""
+"""Small layers shared by stems, blocks and shortcuts: norm and activation lookup by name, DropPath, SE."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
+from resnet_lit.models.errors import ModelConfigError
 from resnet_lit.registry import Registry
 
 NormLayer = Callable[[int], nn.Module]
@@ -16,17 +17,17 @@ ActLayer = Callable[..., nn.Module]
 NORM_LAYERS: Registry[NormLayer] = Registry("norm layer")
 ACT_LAYERS: Registry[ActLayer] = Registry("activation")
 
-NORM_LAYERS.register("batchnorm")(nn.BatchNorm2d)
-NORM_LAYERS.register("syncbatchnorm")(nn.SyncBatchNorm)
-NORM_LAYERS.register("groupnorm")(lambda channels: nn.GroupNorm(min(32, channels), channels))
-NORM_LAYERS.register("instancenorm")(partial(nn.InstanceNorm2d, affine=True))
-NORM_LAYERS.register("identity")(lambda channels: nn.Identity())
+NORM_LAYERS.builtin("batchnorm")(nn.BatchNorm2d)
+NORM_LAYERS.builtin("syncbatchnorm")(nn.SyncBatchNorm)
+NORM_LAYERS.builtin("groupnorm")(lambda channels: nn.GroupNorm(min(32, channels), channels))
+NORM_LAYERS.builtin("instancenorm")(partial(nn.InstanceNorm2d, affine=True))
+NORM_LAYERS.builtin("identity")(lambda channels: nn.Identity())
 
-ACT_LAYERS.register("relu")(nn.ReLU)
-ACT_LAYERS.register("silu")(nn.SiLU)
-ACT_LAYERS.register("gelu")(lambda inplace=False: nn.GELU())
-ACT_LAYERS.register("leaky_relu")(nn.LeakyReLU)
-ACT_LAYERS.register("mish")(nn.Mish)
+ACT_LAYERS.builtin("relu")(nn.ReLU)
+ACT_LAYERS.builtin("silu")(nn.SiLU)
+ACT_LAYERS.builtin("gelu")(lambda inplace=False: nn.GELU())
+ACT_LAYERS.builtin("leaky_relu")(nn.LeakyReLU)
+ACT_LAYERS.builtin("mish")(nn.Mish)
 
 
 def resolve_norm(norm: str | NormLayer) -> NormLayer:
@@ -72,6 +73,8 @@ class SqueezeExcite(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16, act_layer: ActLayer = nn.ReLU) -> None:
         super().__init__()
+        if not isinstance(reduction, int) or reduction < 1:
+            raise ModelConfigError(f"squeeze-and-excitation reduction must be a positive integer, got {reduction!r}")
         hidden = max(8, channels // reduction)
         self.fc1 = nn.Conv2d(channels, hidden, 1)
         self.act = make_act(act_layer)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from resnet_lit.models.block_options import BlockArgs, block_label, per_stage_block_args
 from resnet_lit.models.blocks import BLOCKS, ResidualBlock
 from resnet_lit.models.layers import ActLayer, NormLayer, resolve_act, resolve_norm
 from resnet_lit.models.shortcuts import SHORTCUTS, ShortcutFactory
@@ -24,6 +25,8 @@ class ResNet(nn.Module):
 
     Args:
         block: block name, dotted class path or class; or one per stage.
+        block_args: options passed to every block's constructor (e.g. `{"reduction": 8}` for SE blocks),
+            or a list with one mapping per stage; checked against the block's signature before building.
         layers: number of blocks per stage.
         widths: base width (`channels`) of each stage; outputs are `width * block.expansion`.
         strides: stride of the first block of each stage.
@@ -47,6 +50,7 @@ class ResNet(nn.Module):
         self,
         *,
         block: BlockSpec | Sequence[BlockSpec] = "basic",
+        block_args: BlockArgs | None = None,
         layers: Sequence[int] = (2, 2, 2, 2),
         widths: Sequence[int] = (64, 128, 256, 512),
         strides: Sequence[int] = (1, 2, 2, 2),
@@ -68,6 +72,7 @@ class ResNet(nn.Module):
         layers, widths, strides = list(layers), list(widths), list(strides)
         num_stages = len(layers)
         blocks = _per_stage_blocks(block, num_stages)
+        stage_options = per_stage_block_args(block_args, blocks)
         _check_stage_layout(layers, widths, strides)
         _check_positive(in_channels=in_channels, num_classes=num_classes, stem_width=stem_width,
                         groups=groups, width_per_group=width_per_group)  # fmt: skip
@@ -85,7 +90,9 @@ class ResNet(nn.Module):
         rates = torch.linspace(0, drop_path, total_blocks).tolist() if total_blocks > 1 else [drop_path]
         self.stages = nn.ModuleList()
         channels_in, block_index = stem_width, 0
-        for block_cls, depth, width, stride in zip(blocks, layers, widths, strides, strict=True):
+        for (_, block_cls), options, depth, width, stride in zip(
+            blocks, stage_options, layers, widths, strides, strict=True
+        ):
             stage = []
             for i in range(depth):
                 unit = block_cls(
@@ -98,6 +105,7 @@ class ResNet(nn.Module):
                     norm_layer=norm_layer,
                     act_layer=act_layer,
                     drop_path=rates[block_index],
+                    **options,
                 )
                 channels_in = unit.out_channels
                 block_index += 1
@@ -143,15 +151,18 @@ class ClassifierHead(nn.Module):
         return self.fc(self.dropout(torch.flatten(self.pool(x), 1)))
 
 
-def _per_stage_blocks(block: BlockSpec | Sequence[BlockSpec], num_stages: int) -> list[type[ResidualBlock]]:
+def _per_stage_blocks(block: BlockSpec | Sequence[BlockSpec], num_stages: int) -> list[tuple[str, type[ResidualBlock]]]:
+    """Each stage's block class and its label for messages."""
     specs = [block] * num_stages if isinstance(block, str | type) else list(block)
     if len(specs) != num_stages:
         raise ValueError(f"block lists {len(specs)} entries but there are {num_stages} stages (layers)")
-    classes = [BLOCKS.resolve(spec) for spec in specs]
-    for spec, cls in zip(specs, classes, strict=True):
+    blocks = []
+    for spec in specs:
+        cls = BLOCKS.resolve(spec)
         if not (isinstance(cls, type) and issubclass(cls, ResidualBlock)):
             raise ValueError(f"block {spec!r} is not a resnet_lit.ResidualBlock subclass")
-    return classes
+        blocks.append((block_label(spec, cls), cls))
+    return blocks
 
 
 def _check_stage_layout(layers: list[int], widths: list[int], strides: list[int]) -> None:

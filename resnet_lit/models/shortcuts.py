@@ -1,4 +1,4 @@
-"""Shortcut (skip) connections: identity where shapes match, otherwise one of the registered projections.
+"""Shortcut (skip) connections: identity where shapes match, otherwise a projection chosen by name.
 
 Each factory takes `(in_channels, out_channels, stride, norm_layer)` and returns the module that maps
 the block input to the block output shape.
@@ -65,25 +65,25 @@ class ProjectionShortcut(nn.Module):
         return self.bn(self.conv(self.pool(x)))
 
 
-@register_shortcut("identity_pad")
+@SHORTCUTS.builtin("identity_pad")
 def identity_pad(in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer) -> nn.Module:
     """Parameter-free option A of He et al. (2016), used by the CIFAR ResNets."""
     return PadShortcut(in_channels, out_channels, stride)
 
 
-@register_shortcut("conv")
+@SHORTCUTS.builtin("conv")
 def conv(in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer) -> nn.Module:
     """A 1x1 convolution with bias and no norm, as in the d2l.ai ResNet."""
     return ProjectionShortcut(in_channels, out_channels, stride, None)
 
 
-@register_shortcut("conv_bn")
+@SHORTCUTS.builtin("conv_bn")
 def conv_bn(in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer) -> nn.Module:
     """Option B of He et al.: a strided 1x1 convolution and a norm (torchvision's `downsample`)."""
     return ProjectionShortcut(in_channels, out_channels, stride, norm_layer)
 
 
-@register_shortcut("avgpool_conv_bn")
+@SHORTCUTS.builtin("avgpool_conv_bn")
 def avgpool_conv_bn(in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer) -> nn.Module:
     """ResNet-D: average-pool to downsample, then a stride-1 1x1 convolution and a norm."""
     return ProjectionShortcut(in_channels, out_channels, stride, norm_layer, avg_pool=True)

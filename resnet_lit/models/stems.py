@@ -1,4 +1,4 @@
-"""Stems: the layers before the first residual stage. Each records its total `stride`."""
+"""Stems: the layers before the first residual stage, by name. Each records its total `stride`."""
 
 from __future__ import annotations
 
@@ -25,43 +25,38 @@ class Stem(nn.Sequential):
         self.stride = stride
 
 
-@register_stem("imagenet")
+def conv_norm_act(
+    in_channels: int, out_channels: int, kernel_size: int, stride: int, norm_layer: NormLayer, act_layer: ActLayer,
+    suffix: str = "",
+) -> dict[str, nn.Module]:  # fmt: skip
+    """A bias-free "same"-padded convolution, a norm and an activation, named `conv`, `bn`, `act` plus `suffix`."""
+    return {
+        f"conv{suffix}": nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, bias=False),
+        f"bn{suffix}": norm_layer(out_channels),
+        f"act{suffix}": make_act(act_layer),
+    }
+
+
+@STEMS.builtin("imagenet")
 def imagenet_stem(in_channels: int, out_channels: int, norm_layer: NormLayer, act_layer: ActLayer) -> Stem:
     """7x7 stride-2 convolution and 3x3 stride-2 max-pool: 4x downsampling (He et al., torchvision)."""
-    return Stem(
-        4,
-        conv=nn.Conv2d(in_channels, out_channels, 7, 2, 3, bias=False),
-        bn=norm_layer(out_channels),
-        act=make_act(act_layer),
-        pool=nn.MaxPool2d(3, 2, 1),
-    )
+    return Stem(4, **conv_norm_act(in_channels, out_channels, 7, 2, norm_layer, act_layer), pool=nn.MaxPool2d(3, 2, 1))
 
 
-@register_stem("cifar")
+@STEMS.builtin("cifar")
 def cifar_stem(in_channels: int, out_channels: int, norm_layer: NormLayer, act_layer: ActLayer) -> Stem:
     """A single 3x3 stride-1 convolution, no pooling: for 32x32 inputs (He et al. section 4.2)."""
-    return Stem(
-        1,
-        conv=nn.Conv2d(in_channels, out_channels, 3, 1, 1, bias=False),
-        bn=norm_layer(out_channels),
-        act=make_act(act_layer),
-    )
+    return Stem(1, **conv_norm_act(in_channels, out_channels, 3, 1, norm_layer, act_layer))
 
 
-@register_stem("deep")
+@STEMS.builtin("deep")
 def deep_stem(in_channels: int, out_channels: int, norm_layer: NormLayer, act_layer: ActLayer) -> Stem:
     """ResNet-C: three 3x3 convolutions (widths out/2, out/2, out) replace the 7x7, then max-pool."""
     mid = out_channels // 2
     return Stem(
         4,
-        conv1=nn.Conv2d(in_channels, mid, 3, 2, 1, bias=False),
-        bn1=norm_layer(mid),
-        act1=make_act(act_layer),
-        conv2=nn.Conv2d(mid, mid, 3, 1, 1, bias=False),
-        bn2=norm_layer(mid),
-        act2=make_act(act_layer),
-        conv3=nn.Conv2d(mid, out_channels, 3, 1, 1, bias=False),
-        bn3=norm_layer(out_channels),
-        act3=make_act(act_layer),
+        **conv_norm_act(in_channels, mid, 3, 2, norm_layer, act_layer, suffix="1"),
+        **conv_norm_act(mid, mid, 3, 1, norm_layer, act_layer, suffix="2"),
+        **conv_norm_act(mid, out_channels, 3, 1, norm_layer, act_layer, suffix="3"),
         pool=nn.MaxPool2d(3, 2, 1),
     )

@@ -1,7 +1,7 @@
 """Named architectures: `create_model("resnet50", **overrides)` and `list_models("resnet*")`.
 
-Each entry is a function registered with `@register_model` that returns a `ResNet` built from its
-default arguments updated with the caller's overrides.
+Each entry is a factory that returns a network built from its defaults updated with the caller's overrides,
+so a config names an architecture and changes only what it needs.
 """
 
 from __future__ import annotations
@@ -18,13 +18,9 @@ from resnet_lit.registry import Registry
 ModelFactory = Callable[..., nn.Module]
 
 MODELS: Registry[ModelFactory] = Registry("model", "resnet_lit.models")
+register_model = MODELS.register  # decorator for a factory `(**overrides) -> nn.Module`
 
 _RESNET_ARGS = frozenset(p for p in inspect.signature(ResNet.__init__).parameters if p != "self")
-
-
-def register_model(name: str | None = None) -> Callable[[ModelFactory], ModelFactory]:
-    """Function decorator registering a model factory `(**overrides) -> nn.Module` under `name`."""
-    return MODELS.register(name, origin="user")
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
@@ -51,7 +47,7 @@ def _builtin(name: str, **defaults: Any) -> None:
 
     factory.__name__ = name
     factory.__doc__ = f"{name}: ResNet({', '.join(f'{k}={v!r}' for k, v in defaults.items())})"
-    MODELS.register(name)(factory)
+    MODELS.builtin(name)(factory)
 
 
 # ImageNet family (He et al. 2016, table 1; torchvision's layouts).

@@ -1,0 +1,7 @@
+"""Errors of a network configuration that the user can fix in the config (`model.net`)."""
+
+from __future__ import annotations
+
+
+class ModelConfigError(ValueError):
+    """A network setting that cannot be built, e.g. a block option the block does not take."""
