@@ -1,4 +1,4 @@
-"""The zoo's own sub-commands: `models`, `blocks`, `describe` and `benchmark` (the rest is LightningCLI)."""
+"""The zoo's inspection commands `models`, `blocks` and `describe` (plain argparse; training is LightningCLI's)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from resnet_lit.models import BLOCKS, MODELS, ResNet, create_model, format_summary, summarize
 
-ZOO_COMMANDS = ("models", "blocks", "describe", "benchmark")
+ZOO_COMMANDS = ("models", "blocks", "describe")
 
 
 def _positive_int(text: str) -> int:
@@ -19,11 +19,7 @@ def _positive_int(text: str) -> int:
 
 
 def run_zoo_command(argv: Sequence[str]) -> int:
-    """Run `models`, `blocks`, `describe` or `benchmark` with their arguments; returns the exit code."""
-    if argv and argv[0] == "benchmark":
-        from resnet_lit.bench import main as benchmark  # imports Lightning: only when asked for
-
-        return benchmark(list(argv[1:]))
+    """Run `models`, `blocks` or `describe` with their arguments; returns the exit code."""
     parser = argparse.ArgumentParser(prog="resnet-lit", description="Inspect the model zoo.")
     sub = parser.add_subparsers(dest="command", required=True)
     models = sub.add_parser("models", help="list architecture names")

@@ -71,6 +71,15 @@ def test_resnet_lit_benchmark_command(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "| b | loop | resnet20 |" in summary.stdout
 
 
+def test_fit_never_imports_the_benchmarks_and_the_package_runs_as_a_module() -> None:
+    check = ("import sys, resnet_lit.cli, resnet_lit.training_cli; "
+             "assert not [m for m in sys.modules if m.startswith('resnet_lit.bench')], 'fit imports the benchmarks'")
+    subprocess.run([sys.executable, "-c", check], check=True, cwd=REPO)
+    usage = subprocess.run([sys.executable, "-m", "resnet_lit.bench", "--help"], capture_output=True, text=True,
+                           check=True, cwd=REPO)  # fmt: skip
+    assert usage.stdout.startswith("usage: resnet-lit benchmark")
+
+
 def test_bad_arguments_exit_with_a_message() -> None:
     with pytest.raises(SystemExit, match="neither 'synthetic' nor a folder"):
         main(["--data", "/no/such/folder"])
@@ -123,4 +132,4 @@ def test_training_step_keeps_per_step_work_off_the_host_device_path(tmp_path: Pa
     assert "train/loss" not in trainer.progress_bar_metrics and "loss" in trainer.progress_bar_metrics
     assert {"train/loss", "train/acc"} <= set(trainer.callback_metrics)
     model = trainer.lightning_module
-    assert model.train_acc.update_count == 0  # logged at the epoch end, then reset
+    assert model.train_metrics["acc"].update_count == 0  # logged at the epoch end, then reset

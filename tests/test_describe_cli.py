@@ -34,6 +34,10 @@ def test_describe_resnet50(capsys: pytest.CaptureFixture[str]) -> None:
     assert rows["head"].split()[0] == "1000"
     assert "25,557,032" in rows["total"]
     assert re.search(r"params: 25\.56 M\s+MACs: 4\.1 G$", out.strip())
+    macs = {name: rows[name].split()[-1] for name in ("stem", "stage1", "stage2", "stage3", "stage4", "head", "total")}
+    assert macs == {"stem": "118,013,952", "stage1": "667,942,912", "stage2": "1,027,604,480",
+                    "stage3": "1,464,336,384", "stage4": "809,238,528", "head": "2,048,000",
+                    "total": "4,089,184,256"}  # fmt: skip
 
 
 def test_describe_cifar_net_at_32(capsys: pytest.CaptureFixture[str]) -> None:

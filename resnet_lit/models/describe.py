@@ -1,7 +1,7 @@
 """Per-stage summary of a network: output shape, parameters and multiply-accumulates (MACs).
 
-MACs count convolutions and linear layers only, one multiply-add per weight use, batch size 1,
-the convention behind the usual "ResNet-50 = 4.1 GFLOPs" figure.
+MACs are half the FLOPs that torch's `FlopCounterMode` counts (convolutions and matrix products) at batch
+size 1: the convention behind the usual "ResNet-50 = 4.1 GFLOPs" figure.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from resnet_lit.models.resnet import ResNet
 
@@ -24,15 +25,6 @@ class LayerSummary:
     macs: int
 
 
-def _count_macs(module: nn.Module, output: torch.Tensor) -> int:
-    if isinstance(module, nn.Conv2d):
-        kh, kw = module.kernel_size
-        return output.numel() * (module.in_channels // module.groups) * kh * kw
-    if isinstance(module, nn.Linear):
-        return output.numel() * module.in_features
-    return 0
-
-
 def summarize(model: ResNet, image_size: int = 224, in_channels: int | None = None) -> list[LayerSummary]:
     """Rows for the stem, each stage and the head of `model` for a 1 x C x S x S input."""
     if in_channels is None:
@@ -41,28 +33,31 @@ def summarize(model: ResNet, image_size: int = 224, in_channels: int | None = No
     parts += [(f"stage{i}", stage) for i, stage in enumerate(model.stages, start=1)]
     parts.append(("head", model.head))
 
-    macs: dict[str, int] = {name: 0 for name, _ in parts}
     shapes: dict[str, tuple[int, ...]] = {}
-    handles = []
-    for name, part in parts:
-        for leaf in part.modules():
-            handles.append(leaf.register_forward_hook(
-                lambda m, _inp, out, name=name: macs.__setitem__(name, macs[name] + _count_macs(m, out))
-            ))  # fmt: skip
-        handles.append(part.register_forward_hook(
-            lambda _m, _inp, out, name=name: shapes.__setitem__(name, tuple(out.shape[1:]))
-        ))  # fmt: skip
+    handles = [
+        part.register_forward_hook(lambda _m, _inp, out, name=name: shapes.__setitem__(name, tuple(out.shape[1:])))
+        for name, part in parts
+    ]
+    counter = FlopCounterMode(display=False)
     was_training = model.training
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), counter:
             model(torch.zeros(1, in_channels, image_size, image_size))
     finally:
         model.train(was_training)
         for handle in handles:
             handle.remove()
+    # The counter keys each module by its path below the root, which it names by class: "ResNet.stages.0".
+    flops = counter.get_flop_counts()
+    paths = {id(module): f"{type(model).__name__}.{path}" for path, module in model.named_modules() if path}
     return [
-        LayerSummary(name, shapes[name], sum(p.numel() for p in part.parameters()), macs[name])
+        LayerSummary(
+            name,
+            shapes[name],
+            sum(p.numel() for p in part.parameters()),
+            sum(flops.get(paths[id(part)], {}).values()) // 2,
+        )
         for name, part in parts
     ]
 

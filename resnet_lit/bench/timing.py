@@ -1,0 +1,188 @@
+"""Clocks of the benchmarks: device syncs, peak memory, and the callbacks that time `fit` from inside the Trainer
+(`StepTimer` for steady-state steps, `TimeToAccuracy` for the wall time to a validation target)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from typing import Any, Protocol
+
+import lightning as L
+import torch
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a host clock reads the time of finished work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class PeakMemory:
+    """Peak CUDA memory allocated, or peak RSS of this process sampled every 10 ms on CPUs."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        self.peak_bytes = _rss_bytes()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak_bytes = max(self.peak_bytes, _rss_bytes())
+
+    def stop(self) -> float | None:
+        """Stop sampling; the peak in MiB (None where it cannot be read)."""
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, _rss_bytes())
+        return self.peak_bytes / 2**20 if self.peak_bytes else None
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+class Stepper(Protocol):
+    """Anything that runs one training step per call, e.g. the hand-written loop."""
+
+    def step(self) -> None: ...
+
+
+class StepTimer(L.Callback):
+    """Times ``steps`` training steps after ``warmup`` steps, leaving out steps that span an epoch boundary.
+
+    The clock (after a device sync) starts at the end of step ``warmup``; at the end of an epoch's last batch
+    it stops, and restarts at the end of the next epoch's first batch (so validation, checkpointing and
+    iterator start-up between epochs are not counted). After ``steps`` timed steps it stops the trainer.
+    """
+
+    def __init__(self, warmup: int = 10, steps: int = 20) -> None:
+        self.warmup = warmup
+        self.steps = steps
+        self.seconds = 0.0
+        self.timed_steps = 0
+        self.step_seconds: list[float] = []  # each timed step alone, on CPUs (no device sync needed)
+        self.companion: Stepper | None = None  # a hand-written loop taking turns with fit's steps (CPU)
+        self.companion_seconds: list[float] = []
+        self.peak_memory_mb: float | None = None
+        self._seen = 0
+        self._last = 0.0
+        self._start: float | None = None
+        self._memory: PeakMemory | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.timed_steps >= self.steps
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        counted_before = self.timed_steps
+        self._timed_batch_end(trainer, pl_module, batch_idx)
+        if self.companion is not None and not (self.done and self.timed_steps == counted_before):
+            begin = time.perf_counter()
+            self.companion.step()
+            end = time.perf_counter()
+            if self.timed_steps > counted_before:
+                self.companion_seconds.append(end - begin)
+            if self._start is not None:  # the fit's clock does not count the loop's step
+                self._start += end - begin
+                self._last = end
+
+    def _timed_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, batch_idx: int) -> None:
+        self._seen += 1
+        if self.done or self._seen < self.warmup:
+            return
+        device = pl_module.device
+        last_of_epoch = batch_idx + 1 >= trainer.num_training_batches
+        if self._start is None:  # end of the warm-up, or first batch of an epoch: (re)start the clock
+            if last_of_epoch:  # the next step would span the epoch boundary
+                return
+            sync(device)
+            if self._memory is None:
+                self._memory = PeakMemory(device)
+                self._memory.start()
+            self._start = self._last = time.perf_counter()
+            return
+        self.timed_steps += 1
+        if device.type == "cpu":
+            now = time.perf_counter()
+            self.step_seconds.append(now - self._last)
+            self._last = now
+        if self.done or last_of_epoch:
+            sync(device)
+            self.seconds += time.perf_counter() - self._start
+            self._start = None
+        if self.done:
+            assert self._memory is not None
+            self.peak_memory_mb = self._memory.stop()
+            trainer.should_stop = True
+
+
+class TimeToAccuracy(L.Callback):
+    """Records wall time at every validation and stops training once ``monitor`` reaches ``target``.
+
+    Writes ``output`` (JSON) after every validation: the seconds since training started (``on_train_start``,
+    i.e. after data loading and setup), the epoch, the metric, and the first time the target was reached.
+    """
+
+    def __init__(
+        self, target: float = 0.94, monitor: str = "val/acc", output: str = "time_to_accuracy.json", stop: bool = True
+    ) -> None:
+        self.target = target
+        self.monitor = monitor
+        self.output = output
+        self.stop = stop
+        self.history: list[dict[str, float]] = []
+        self.reached_s: float | None = None
+        self._t0: float | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        sync(pl_module.device)
+        self._t0 = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._t0 is None or trainer.sanity_checking:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return
+        elapsed = time.perf_counter() - self._t0
+        value = float(value)
+        self.history.append(
+            {"epoch": trainer.current_epoch, "step": trainer.global_step, "seconds": elapsed, self.monitor: value}
+        )
+        if self.reached_s is None and value >= self.target:
+            self.reached_s = elapsed
+            if self.stop:
+                trainer.should_stop = True
+        if trainer.is_global_zero:
+            with open(self.output, "w") as f:
+                json.dump(
+                    {
+                        "target": self.target,
+                        "monitor": self.monitor,
+                        "reached_seconds": self.reached_s,
+                        "best": max(h[self.monitor] for h in self.history),
+                        "history": self.history,
+                    },
+                    f,
+                    indent=2,
+                )
