@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -63,24 +62,9 @@ def test_resume_yields_exactly_the_tail_of_the_epoch(world_size: int, batches_do
         assert list(resumed) == uninterrupted  # the skip is used once
 
 
-def _fake_trainer(epochs_started: int, batches_processed: int, num_batches: int) -> SimpleNamespace:
-    return SimpleNamespace(
-        world_size=1,
-        global_rank=0,
-        num_training_batches=num_batches,
-        fit_loop=SimpleNamespace(
-            epoch_progress=SimpleNamespace(current=SimpleNamespace(ready=epochs_started)),
-            epoch_loop=SimpleNamespace(
-                batch_progress=SimpleNamespace(current=SimpleNamespace(processed=batches_processed))
-            ),
-        ),
-    )
-
-
-def _batches(dm: SyntheticDataModule, epoch: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(dm: SyntheticDataModule, epoch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     loader = dm.train_dataloader()
-    if epoch is not None:
-        loader.sampler.set_epoch(epoch)
+    loader.sampler.set_epoch(epoch)
     return list(loader)
 
 
@@ -90,28 +74,54 @@ def test_datamodule_resume_replays_the_rest_of_the_epoch_bitwise() -> None:
     assert len(reference) == 8
 
     interrupted = SyntheticDataModule(**kwargs)
-    interrupted.trainer = _fake_trainer(epochs_started=2, batches_processed=3, num_batches=8)
+    loader = interrupted.train_dataloader()
+    loader.sampler.set_epoch(1)
+    batches = iter(loader)
+    for _ in range(3):
+        next(batches)
+    assert loader.state_dict() == {"epoch": 1, "batches_done": 3, "batch_size": 8, "world_size": 1}
     state = interrupted.state_dict()
     assert state == {"seed": 5, "batch_size": 8, "world_size": 1, "epoch": 1, "batches_done": 3}
 
     resumed = SyntheticDataModule(**{**kwargs, "seed": 0})  # the seed comes back from the checkpoint
     resumed.load_state_dict(state)
     assert resumed.seed == 5
-    tail = _batches(resumed, epoch=0)  # a stale set_epoch before iterating must not matter
+    loader = resumed.train_dataloader()
+    loader.sampler.set_epoch(1)  # Lightning sets the restored epoch before the first batch is drawn
+    tail = list(loader)
     assert len(tail) == 5
     for (x, y), (x_ref, y_ref) in zip(tail, reference[3:], strict=True):
         assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    assert len(list(loader)) == 8  # the restored position is used once
 
 
 def test_state_dict_after_a_finished_epoch_points_at_the_next_epoch() -> None:
     dm = SyntheticDataModule(num_samples=64, batch_size=8)
-    dm.trainer = _fake_trainer(epochs_started=3, batches_processed=8, num_batches=8)
-    assert (dm.state_dict()["epoch"], dm.state_dict()["batches_done"]) == (3, 0)
-    dm.trainer = _fake_trainer(epochs_started=0, batches_processed=0, num_batches=8)
-    assert (dm.state_dict()["epoch"], dm.state_dict()["batches_done"]) == (0, 0)
+    loader = dm.train_dataloader()
+    assert (loader.state_dict()["epoch"], loader.state_dict()["batches_done"]) == (0, 0)
+    loader.sampler.set_epoch(3)
+    list(loader)
+    assert (loader.state_dict()["epoch"], loader.state_dict()["batches_done"]) == (4, 0)
 
 
-def test_load_state_dict_arms_an_existing_sampler() -> None:
+def test_a_restored_position_of_another_epoch_is_ignored() -> None:
+    """Lightning may move on to the next epoch (e.g. after ``limit_train_batches``): that epoch starts afresh."""
+    dm = SyntheticDataModule(num_samples=32, batch_size=4, seed=1)
+    loader = dm.train_dataloader()
+    loader.load_state_dict({"epoch": 0, "batches_done": 6, "batch_size": 4, "world_size": 1})
+    loader.sampler.set_epoch(1)
+    assert len(list(loader)) == 8
+    loader.load_state_dict({"epoch": 1, "batches_done": 6, "batch_size": 4, "world_size": 1})
+    assert len(list(loader)) == 2
+
+
+def test_resuming_with_another_batch_size_warns() -> None:
+    loader = SyntheticDataModule(num_samples=32, batch_size=4).train_dataloader()
+    with pytest.warns(UserWarning, match="batch_size/world_size 4/1, but the checkpoint used 8/1"):
+        loader.load_state_dict({"epoch": 0, "batches_done": 2, "batch_size": 8, "world_size": 1})
+
+
+def test_load_state_dict_restores_an_existing_train_loader() -> None:
     dm = SyntheticDataModule(num_samples=32, batch_size=4, seed=1)
     loader = dm.train_dataloader()
     dm.load_state_dict({"seed": 1, "batch_size": 4, "world_size": 1, "epoch": 0, "batches_done": 6})
@@ -132,10 +142,11 @@ class _TinyModel(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_state_dict_reads_the_real_trainer_progress(tmp_path: Path) -> None:
-    """Guards the Lightning attribute names: a checkpoint taken after 3 batches records epoch 0, 3 batches."""
+def test_lightning_saves_the_train_loader_position_in_every_checkpoint(tmp_path: Path) -> None:
+    """Pins where Lightning keeps a stateful train loader's state: a checkpoint after 3 batches holds epoch 0,
+    3 batches; one at the last batch of an epoch holds the start of the next epoch."""
     dm = SyntheticDataModule(num_classes=2, image_size=4, num_samples=64, batch_size=8, num_val_samples=0)
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, filename="{step}")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, filename="{step}")
     trainer = L.Trainer(
         max_epochs=2,
         accelerator="cpu",
@@ -146,6 +157,12 @@ def test_state_dict_reads_the_real_trainer_progress(tmp_path: Path) -> None:
         enable_model_summary=False,
     )
     trainer.fit(_TinyModel(), datamodule=dm)
-    states = {p.name: torch.load(p, weights_only=False)["SyntheticDataModule"] for p in tmp_path.glob("*.ckpt")}
-    assert (states["step=3.ckpt"]["epoch"], states["step=3.ckpt"]["batches_done"]) == (0, 3)
-    assert (states["step=9.ckpt"]["epoch"], states["step=9.ckpt"]["batches_done"]) == (1, 1)
+
+    def position(step: int) -> tuple[int, int]:
+        saved = torch.load(tmp_path / f"step={step}.ckpt", weights_only=True)
+        (state,) = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+        copy = saved["SyntheticDataModule"]  # the DataModule's copy, see ImageDataModule.load_state_dict
+        assert (copy["epoch"], copy["batches_done"]) == (state["epoch"], state["batches_done"])
+        return state["epoch"], state["batches_done"]
+
+    assert [position(step) for step in (3, 8, 9)] == [(0, 3), (1, 0), (1, 1)]

@@ -24,8 +24,8 @@ from resnet_lit.data import (
     ResumableTrainSampler,
     SyntheticDataModule,
 )
-from resnet_lit.data.device_loader import DeviceEvalLoader, DeviceTrainLoader, IndexBatch, sample_seeds
-from resnet_lit.data.samplers import sample_seed
+from resnet_lit.data.loaders import DeviceEvalLoader, DeviceTrainLoader, IndexBatch
+from resnet_lit.data.seeds import sample_seed, sample_seeds
 
 ATOL = 1e-5  # the device path fuses (x / 255 - mean) / std into one multiply-add
 
@@ -168,6 +168,7 @@ def test_device_path_resumes_mid_epoch_with_the_uninterrupted_batches(
     resumed = make()
     resumed.load_state_dict({"seed": 5, "batch_size": 6, "world_size": 1, "epoch": 2, "batches_done": 3})
     loader = resumed.train_dataloader()
+    resumed.train_sampler.set_epoch(2)  # Lightning sets the restored epoch before the first batch
     assert len(loader) == len(uninterrupted)  # Lightning counts the resumed epoch from the restored progress
     tail = device_batches(resumed, loader)
     assert len(tail) == len(uninterrupted) - 3
@@ -207,7 +208,7 @@ def test_real_cifar_jpegs_in_memory(tmp_path: Path) -> None:
         for loader in ("dataloader", "device")
     )  # fmt: skip
     assert_same_batches(list(standard.val_dataloader()), device_batches(device, device.val_dataloader()))
-    assert device.device_store().split("train", torch.device("cpu")).images.dtype == torch.uint8
+    assert device.backend.store(device.splits()).split("train", torch.device("cpu")).images.dtype == torch.uint8
 
 
 def _fit(tmp_path: Path, loader: str, epochs: int = 2) -> dict[str, float]:

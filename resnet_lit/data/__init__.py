@@ -1,14 +1,22 @@
 """Data layer: LightningDataModules with distributed-aware, resumable, seeded sampling."""
 
-from .base import ImageDataModule, RawSplits
-from .cifar import CIFAR10DataModule, CIFAR100DataModule
+from .backends import DataLoaderBackend, DeviceBackend, LoaderBackend
+from .base import ImageDataModule
 from .datasets import CorruptCounter, ImageFileDataset, PredictFolderDataset, SeededTransformDataset
 from .digits import DigitsDataModule
 from .errors import CorruptImageError, DataConfigError
 from .folder import ImageFolderDataModule
-from .mnist import FashionMNISTDataModule, MNISTDataModule
+from .loaders import ResumableLoader
 from .samplers import EvalShardSampler, ResumableTrainSampler
+from .splits import RawSplits
 from .synthetic import SyntheticDataModule
+from .torchvision_sets import (
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    FashionMNISTDataModule,
+    MNISTDataModule,
+    TorchvisionDataModule,
+)
 
 __all__ = [
     "CIFAR10DataModule",
@@ -16,16 +24,21 @@ __all__ = [
     "CorruptCounter",
     "CorruptImageError",
     "DataConfigError",
+    "DataLoaderBackend",
+    "DeviceBackend",
     "DigitsDataModule",
     "EvalShardSampler",
     "FashionMNISTDataModule",
     "ImageDataModule",
     "ImageFileDataset",
     "ImageFolderDataModule",
+    "LoaderBackend",
     "MNISTDataModule",
     "PredictFolderDataset",
     "RawSplits",
+    "ResumableLoader",
     "ResumableTrainSampler",
     "SeededTransformDataset",
     "SyntheticDataModule",
+    "TorchvisionDataModule",
 ]

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Subset
 
-from .base import ImageDataModule, LoaderKind, RawSplits
+from .base import ImageDataModule
 from .datasets import TensorImageDataset
 from .errors import DataConfigError
-from .samplers import mix_seed
-from .transforms import Augment
+from .seeds import mix_seed
+from .splits import RawSplits
 
 
 def load_digits_tensors() -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,10 +29,17 @@ class DigitsDataModule(ImageDataModule):
     """Digits split by a seeded permutation into train / val (``val_fraction``) / test (``test_fraction``).
 
     Native 8x8, 1 channel; ``image_size`` upscales. ``augment`` is off by default (tiny images).
+
+    Args:
+        val_fraction: Share of the images used for validation.
+        test_fraction: Share of the images used for test.
+        image_size: Resize to this square side; None keeps 8.
+        batch_size: Training batch size per process.
     """
 
     default_mean = (0.3053,)
     default_std = (0.3760,)
+    in_channels = 1
 
     def __init__(
         self,
@@ -40,51 +47,21 @@ class DigitsDataModule(ImageDataModule):
         test_fraction: float = 0.15,
         image_size: int | None = None,
         batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = True,
-        persistent_workers: bool = False,
-        drop_last: bool = True,
-        seed: int = 0,
-        augment: Augment = "none",
-        random_erasing: float = 0.0,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        predict_dir: str | None = None,
-        loader: LoaderKind = "dataloader",
+        **kwargs: Any,
     ) -> None:
         if not (0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
             raise DataConfigError(
                 f"need 0 <= test_fraction and val_fraction + test_fraction < 1, got {val_fraction}, {test_fraction}"
             )
         super().__init__(
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            drop_last=drop_last,
             val_fraction=val_fraction,
-            seed=seed,
-            augment=augment,
-            random_erasing=random_erasing,
-            mean=mean,
-            std=std,
-            predict_dir=predict_dir,
+            batch_size=batch_size,
             transform_style="plain",
             crop_size=image_size,
             resize_size=image_size,
-            loader=loader,
+            **kwargs,
         )
         self.test_fraction = test_fraction
-
-    @property
-    def num_classes(self) -> int:
-        return 10
-
-    @property
-    def in_channels(self) -> int:
-        return 1
 
     @property
     def class_names(self) -> list[str]:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
-from .base import ImageDataModule, LoaderKind, RawSplits
+from .base import ImageDataModule
 from .datasets import IMAGE_EXTENSIONS, ImageFileDataset, find_images
 from .errors import DataConfigError
-from .transforms import Augment
+from .splits import RawSplits
 
 
 def scan_classes(split_dir: str) -> list[str]:
@@ -41,6 +40,14 @@ class ImageFolderDataModule(ImageDataModule):
 
     Undecodable files raise an error naming the file; with ``skip_corrupt`` they are replaced by the next
     decodable sample and counted in :attr:`corrupt_skipped`.
+
+    Args:
+        root: Folder holding ``train/`` (and optionally ``val/`` and ``test/``).
+        transform_style: ``imagenet`` or ``cifar`` transforms.
+        image_size: Side of the (square) images the network sees.
+        resize_size: Eval resize before the center crop (default: ``image_size * 256/224`` for ``imagenet``).
+        skip_corrupt: Replace undecodable images by the next decodable one instead of failing.
+        val_fraction: Seeded share of train held out for validation when there is no ``val/`` folder.
     """
 
     def __init__(
@@ -50,41 +57,17 @@ class ImageFolderDataModule(ImageDataModule):
         image_size: int = 224,
         resize_size: int | None = None,
         skip_corrupt: bool = False,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = True,
-        persistent_workers: bool = False,
-        drop_last: bool = True,
         val_fraction: float = 0.1,
-        seed: int = 0,
-        augment: Augment = "none",
-        random_erasing: float = 0.0,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        predict_dir: str | None = None,
-        loader: LoaderKind = "dataloader",
+        **kwargs: Any,
     ) -> None:
         if resize_size is None:
             resize_size = round(image_size * 256 / 224) if transform_style == "imagenet" else image_size
         super().__init__(
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            drop_last=drop_last,
             val_fraction=val_fraction,
-            seed=seed,
-            augment=augment,
-            random_erasing=random_erasing,
-            mean=mean,
-            std=std,
-            predict_dir=predict_dir,
             transform_style=transform_style,
             crop_size=image_size,
             resize_size=resize_size,
-            loader=loader,
+            **kwargs,
         )
         self.root = root
         self.skip_corrupt = skip_corrupt
@@ -106,14 +89,6 @@ class ImageFolderDataModule(ImageDataModule):
                 raise DataConfigError(f"{train_dir!r} has no class sub-folders; expected train/<class>/<images>")
             self._classes = classes
         return list(self._classes)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def in_channels(self) -> int:
-        return 3
 
     def _dataset(self, split: str) -> ImageFileDataset | None:
         split_dir = self._split_dir(split)

@@ -1,11 +1,5 @@
-"""Distributed-aware samplers that the DataModules build themselves (``use_distributed_sampler=False``).
-
-* :class:`ResumableTrainSampler` shuffles deterministically from ``(seed, epoch)``, shards across ranks with
-  padding (same length on every rank), can skip the batches already consumed before a mid-epoch checkpoint,
-  and yields ``(index, sample_seed)`` pairs so augmentation depends only on ``(seed, epoch, index)``.
-* :class:`EvalShardSampler` splits indices across ranks in order, without padding or duplicates, so that
-  distributed evaluation sees every sample exactly once.
-"""
+"""The samplers the DataModules build themselves (``use_distributed_sampler=False``): a seeded, padded, resumable
+shard for training and an in-order shard for evaluation that sees every sample exactly once over all ranks."""
 
 from __future__ import annotations
 
@@ -15,25 +9,7 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
-_MASK64 = (1 << 64) - 1
-
-
-def mix_seed(*values: int) -> int:
-    """Hash integers into a 63-bit seed (splitmix64 rounds); stable across processes and Python versions."""
-    state = 0x9E3779B97F4A7C15
-    for value in values:
-        state = (state ^ (value & _MASK64)) & _MASK64
-        state = (state + 0x9E3779B97F4A7C15) & _MASK64
-        z = state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-        state = z ^ (z >> 31)
-    return state >> 1
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The augmentation seed of dataset item ``index`` in ``epoch``."""
-    return mix_seed(seed, epoch, index)
+from .seeds import mix_seed, sample_seed
 
 
 class ResumableTrainSampler(Sampler[tuple[int, int]]):
@@ -46,9 +22,8 @@ class ResumableTrainSampler(Sampler[tuple[int, int]]):
 
     Resuming: :meth:`resume` arms the *next* iteration to replay ``epoch`` starting after
     ``num_batches * batch_size`` items of this rank's permutation, i.e. exactly the tail of the uninterrupted
-    epoch. The armed epoch wins over :meth:`set_epoch` calls made before that iteration starts (Lightning
-    creates the first iterator before calling ``set_epoch``); it is used once, and later iterations follow
-    :meth:`set_epoch` as usual.
+    epoch. The armed epoch wins over :meth:`set_epoch`; it is used once, and later iterations follow
+    :meth:`set_epoch` as usual. The train loaders arm it from their restored position (see :mod:`.loaders`).
 
     ``len(sampler)`` is always the full per-rank epoch length, also in a resumed epoch, because Lightning
     keeps counting batch indices from the restored progress (it stops the epoch after ``len(loader)``

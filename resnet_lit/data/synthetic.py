@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from .base import ImageDataModule, LoaderKind, RawSplits
+from .base import ImageDataModule
 from .datasets import TensorImageDataset
-from .samplers import mix_seed
-from .transforms import Augment
+from .seeds import mix_seed
+from .splits import RawSplits
 
 
 def make_synthetic(
@@ -26,6 +28,14 @@ class SyntheticDataModule(ImageDataModule):
     """Random ``[in_channels, image_size, image_size]`` images with ``num_classes`` labels, deterministic per seed.
 
     Train, val and test are independent draws sharing the per-class patterns. No geometric augmentation.
+
+    Args:
+        num_classes: Number of labels.
+        in_channels: Image channels.
+        image_size: Image side.
+        num_samples: Training images.
+        num_val_samples: Validation images (0: no validation).
+        num_test_samples: Test images (0: no test split).
     """
 
     def __init__(
@@ -36,58 +46,30 @@ class SyntheticDataModule(ImageDataModule):
         num_samples: int = 1024,
         num_val_samples: int = 256,
         num_test_samples: int = 256,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = True,
-        persistent_workers: bool = False,
-        drop_last: bool = True,
-        seed: int = 0,
-        augment: Augment = "none",
-        random_erasing: float = 0.0,
-        predict_dir: str | None = None,
-        loader: LoaderKind = "dataloader",
+        **kwargs: Any,
     ) -> None:
         super().__init__(
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            drop_last=drop_last,
             val_fraction=0.0,
-            seed=seed,
-            augment=augment,
-            random_erasing=random_erasing,
             mean=(0.5,) * in_channels,
             std=(0.25,) * in_channels,
-            predict_dir=predict_dir,
             transform_style="plain",
             crop_size=None,
             resize_size=None,
-            loader=loader,
+            **kwargs,
         )
         self._num_classes = num_classes
-        self._in_channels = in_channels
+        self.in_channels = in_channels
         self.image_size = image_size
         self.num_samples = num_samples
         self.num_val_samples = num_val_samples
         self.num_test_samples = num_test_samples
 
     @property
-    def num_classes(self) -> int:
-        return self._num_classes
-
-    @property
-    def in_channels(self) -> int:
-        return self._in_channels
-
-    @property
     def class_names(self) -> list[str]:
         return [f"class_{i}" for i in range(self._num_classes)]
 
     def _draw(self, split: int, size: int) -> TensorImageDataset:
-        shape = (self._num_classes, self._in_channels, self.image_size)
+        shape = (self._num_classes, self.in_channels, self.image_size)
         return make_synthetic(size, *shape, pattern_seed=mix_seed(self.seed), seed=mix_seed(self.seed, split))
 
     def load_splits(self) -> RawSplits:

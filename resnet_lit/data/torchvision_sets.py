@@ -1,13 +1,13 @@
-"""CIFAR-10/100 from torchvision's pickle batches (``<data_dir>/cifar-10-batches-py`` etc.)."""
+"""CIFAR-10/100, MNIST and Fashion-MNIST: torchvision's datasets under ``data_dir``, behind one base."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Any, ClassVar
 
 from torchvision import datasets
 
-from .base import ImageDataModule, LoaderKind, RawSplits
-from .transforms import Augment
+from .base import ImageDataModule
+from .splits import RawSplits
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -27,101 +27,106 @@ CIFAR100_CLASSES = [
 ]
 # fmt: on
 
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot"]  # fmt: skip
 
-class CIFAR10DataModule(ImageDataModule):
-    """CIFAR-10 with CIFAR-style augmentation (pad-4 random crop + horizontal flip).
 
-    Validation: with ``val_fraction == 0`` (default) the official test set doubles as the validation set
-    (the usual CIFAR recipe); with ``val_fraction > 0`` a seeded held-out part of the training set is used.
-    Test is always the official test set. ``download`` fetches the archive in ``prepare_data`` (rank 0).
+class TorchvisionDataModule(ImageDataModule):
+    """A torchvision dataset with a train and a test split; ``download`` fetches it in ``prepare_data`` (rank 0).
+
+    Validation: a seeded ``val_fraction`` hold-out of the training set; with ``val_fraction == 0`` the official
+    test set doubles as the validation set. Test is always the official test set.
+
+    Args:
+        data_dir: Folder holding the dataset in torchvision's layout.
+        download: Download the dataset into ``data_dir`` if it is missing.
     """
 
-    default_mean = (0.4914, 0.4822, 0.4465)
-    default_std = (0.2470, 0.2435, 0.2616)
-    dataset_cls: type[datasets.CIFAR10] = datasets.CIFAR10
-    num_fine_classes = 10
+    dataset_cls: ClassVar[type[datasets.VisionDataset]]
+    classes: ClassVar[list[str]]
+    layout: ClassVar[str]  # where the files are expected under data_dir, for the error message
 
-    def __init__(
-        self,
-        data_dir: str = "data",
-        download: bool = False,
-        image_size: int = 32,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = True,
-        persistent_workers: bool = False,
-        drop_last: bool = True,
-        val_fraction: float = 0.0,
-        seed: int = 0,
-        augment: Augment = "none",
-        random_erasing: float = 0.0,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        predict_dir: str | None = None,
-        loader: LoaderKind = "dataloader",
-    ) -> None:
-        super().__init__(
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            drop_last=drop_last,
-            val_fraction=val_fraction,
-            seed=seed,
-            augment=augment,
-            random_erasing=random_erasing,
-            mean=mean,
-            std=std,
-            predict_dir=predict_dir,
-            transform_style="cifar",
-            crop_size=image_size,
-            resize_size=image_size,
-            loader=loader,
-        )
+    def __init__(self, data_dir: str = "data", download: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.data_dir = data_dir
         self.download = download
 
     @property
-    def num_classes(self) -> int:
-        return self.num_fine_classes
-
-    @property
-    def in_channels(self) -> int:
-        return 3
-
-    @property
     def class_names(self) -> list[str]:
-        return list(CIFAR10_CLASSES)
+        return list(self.classes)
 
     def prepare_data(self) -> None:
         if self.download:
-            self.dataset_cls(self.data_dir, train=True, download=True)
-            self.dataset_cls(self.data_dir, train=False, download=True)
-
-    def _load(self, train: bool) -> datasets.CIFAR10:
-        try:
-            return self.dataset_cls(self.data_dir, train=train, download=False)
-        except RuntimeError as error:
-            raise RuntimeError(
-                f"{self.dataset_cls.__name__} not found or corrupted under data_dir={self.data_dir!r} "
-                f"(expected {self.dataset_cls.base_folder}/); set download: true or fix data_dir"
-            ) from error
+            for train in (True, False):
+                self.dataset_cls(self.data_dir, train=train, download=True)  # type: ignore[call-arg]
 
     def load_splits(self) -> RawSplits:
         train, test = self._load(True), self._load(False)
         return RawSplits(train=train, val=test if self.val_fraction == 0 else None, test=test)
 
+    def _load(self, train: bool) -> datasets.VisionDataset:
+        try:
+            return self.dataset_cls(self.data_dir, train=train, download=False)  # type: ignore[call-arg]
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"{self.dataset_cls.__name__} not found or corrupted under data_dir={self.data_dir!r} "
+                f"(expected {self.layout}); set download: true or fix data_dir"
+            ) from error
+
+
+class CIFAR10DataModule(TorchvisionDataModule):
+    """CIFAR-10 with CIFAR-style augmentation (pad-4 random crop + horizontal flip); the test set validates.
+
+    Args:
+        image_size: Side of the (square) images the network sees.
+    """
+
+    dataset_cls = datasets.CIFAR10
+    classes = CIFAR10_CLASSES
+    layout = f"{datasets.CIFAR10.base_folder}/"
+    default_mean = (0.4914, 0.4822, 0.4465)
+    default_std = (0.2470, 0.2435, 0.2616)
+
+    def __init__(self, image_size: int = 32, **kwargs: Any) -> None:
+        super().__init__(transform_style="cifar", crop_size=image_size, resize_size=image_size, **kwargs)
+
 
 class CIFAR100DataModule(CIFAR10DataModule):
     """CIFAR-100 (fine labels), same recipe and arguments as :class:`CIFAR10DataModule`."""
 
+    dataset_cls = datasets.CIFAR100
+    classes = CIFAR100_CLASSES
+    layout = f"{datasets.CIFAR100.base_folder}/"
     default_mean = (0.5071, 0.4865, 0.4409)
     default_std = (0.2673, 0.2564, 0.2762)
-    dataset_cls = datasets.CIFAR100
-    num_fine_classes = 100
 
-    @property
-    def class_names(self) -> list[str]:
-        return list(CIFAR100_CLASSES)
+
+class MNISTDataModule(TorchvisionDataModule):
+    """MNIST, 28x28 grayscale; no crop/flip augmentation. Validation holds out 1/12 of train (5000 images).
+
+    Args:
+        image_size: Resize to this square side (the d2l recipe uses 96); None keeps 28.
+        val_fraction: Seeded share of train held out for validation; 0 validates on the test set.
+    """
+
+    dataset_cls = datasets.MNIST
+    classes = [str(digit) for digit in range(10)]
+    layout = "MNIST/raw/*-ubyte"
+    default_mean = (0.1307,)
+    default_std = (0.3081,)
+    in_channels = 1
+
+    def __init__(self, image_size: int | None = None, val_fraction: float = 1 / 12, **kwargs: Any) -> None:
+        super().__init__(
+            transform_style="plain", crop_size=image_size, resize_size=image_size, val_fraction=val_fraction, **kwargs
+        )
+
+
+class FashionMNISTDataModule(MNISTDataModule):
+    """Fashion-MNIST; same recipe and arguments as :class:`MNISTDataModule`."""
+
+    dataset_cls = datasets.FashionMNIST
+    classes = FASHION_CLASSES
+    layout = "FashionMNIST/raw/*-ubyte"
+    default_mean = (0.2860,)
+    default_std = (0.3530,)

@@ -1,16 +1,13 @@
-"""Train/eval transform builders (torchvision.transforms.v2).
+"""Train/eval transform pipelines (torchvision.transforms.v2) of a DataModule, by style.
 
-Styles:
 * ``imagenet``: train RandomResizedCrop(crop) + flip; eval Resize(resize) + CenterCrop(crop).
 * ``cifar``: train [Resize(size)] + RandomCrop(size, padding=4) + flip; eval Resize(size) + CenterCrop(size).
 * ``plain``: no crop or flip (digits, MNIST); only an optional resize. Eval is the same resize.
-
-Inputs may be PIL images or tensors (uint8 or float in [0, 1]). Outputs are normalized float32 tensors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -18,6 +15,74 @@ from torchvision.transforms import v2
 
 TransformStyle = Literal["imagenet", "cifar", "plain"]
 Augment = Literal["none", "trivialaugment", "randaugment"]
+
+
+@dataclass(frozen=True)
+class ImagePipeline:
+    """The transform settings of a DataModule; inputs are PIL images or tensors, outputs normalised float32.
+
+    ``crop_size`` is the output size; ``None`` keeps the input size (only allowed for ``plain``).
+    """
+
+    style: TransformStyle
+    crop_size: int | None
+    resize_size: int | None
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: Augment = "none"
+    random_erasing: float = 0.0
+
+    def train(self) -> v2.Compose:
+        """Geometric augmentation by ``style``, then ``augment``, normalisation and random erasing."""
+        geometric: list[v2.Transform]
+        if self.style == "imagenet":
+            geometric = [v2.RandomResizedCrop(self._crop(), antialias=True), v2.RandomHorizontalFlip()]
+        elif self.style == "cifar":
+            size = self._crop()
+            geometric = [
+                v2.Resize(size, antialias=True),
+                v2.CenterCrop(size),
+                v2.RandomCrop(size, padding=4),
+                v2.RandomHorizontalFlip(),
+            ]
+        elif self.style == "plain":
+            geometric = [] if self.crop_size is None else [v2.Resize((self.crop_size,) * 2, antialias=True)]
+        else:
+            raise ValueError(f"unknown transform style {self.style!r}")
+        erasing = [v2.RandomErasing(p=self.random_erasing)] if self.random_erasing > 0 else []
+        return v2.Compose([v2.ToImage(), *geometric, *_augmentation(self.augment), *self._normalize(), *erasing])
+
+    def eval(self) -> v2.Compose:
+        """The deterministic pipeline of val/test/predict: resize (shorter side), center crop, normalise."""
+        geometric: list[v2.Transform] = []
+        if self.style == "plain":
+            if self.crop_size is not None:
+                geometric = [v2.Resize((self.crop_size,) * 2, antialias=True)]
+        elif self.crop_size is not None:
+            geometric = [v2.Resize(self.resize_size or self.crop_size, antialias=True), v2.CenterCrop(self.crop_size)]
+        return v2.Compose([v2.ToImage(), *geometric, *self._normalize()])
+
+    def geometry(self, train: bool) -> v2.Transform | None:
+        """The deterministic geometric steps of :meth:`train` or :meth:`eval`, for images decoded once.
+
+        ``cifar``: train Resize(size) + CenterCrop(size) (the random crop and flip are left out); eval
+        Resize(resize_size) + CenterCrop(size). ``plain``: the optional Resize((size, size)), train and eval.
+        """
+        if self.style == "plain":
+            return None if self.crop_size is None else v2.Resize((self.crop_size,) * 2, antialias=True)
+        if self.style == "cifar":
+            size = self._crop()
+            resize = size if train else (self.resize_size or size)
+            return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size)])
+        raise ValueError(f"the {self.style!r} transform style has random geometry only")
+
+    def _crop(self) -> int:
+        if self.crop_size is None:
+            raise ValueError(f"the {self.style} transform style needs an image_size")
+        return self.crop_size
+
+    def _normalize(self) -> list[v2.Transform]:
+        return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(self.mean), std=list(self.std))]
 
 
 def _augmentation(augment: Augment) -> list[v2.Transform]:
@@ -28,60 +93,3 @@ def _augmentation(augment: Augment) -> list[v2.Transform]:
     if augment == "none":
         return []
     raise ValueError(f"augment must be 'none', 'trivialaugment' or 'randaugment', got {augment!r}")
-
-
-def _to_normalized(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
-
-
-def build_train_transform(
-    style: TransformStyle,
-    *,
-    crop_size: int | None,
-    mean: Sequence[float],
-    std: Sequence[float],
-    augment: Augment = "none",
-    random_erasing: float = 0.0,
-) -> v2.Compose:
-    """Training pipeline: geometric augmentation by ``style``, then ``augment``, normalize, random erasing.
-
-    ``crop_size`` is the output size; ``None`` keeps the input size (only allowed for ``plain``).
-    """
-    geometric: list[v2.Transform]
-    if style == "imagenet":
-        if crop_size is None:
-            raise ValueError("the imagenet transform style needs a crop_size")
-        geometric = [v2.RandomResizedCrop(crop_size, antialias=True), v2.RandomHorizontalFlip()]
-    elif style == "cifar":
-        if crop_size is None:
-            raise ValueError("the cifar transform style needs an image_size")
-        geometric = [
-            v2.Resize(crop_size, antialias=True),
-            v2.CenterCrop(crop_size),
-            v2.RandomCrop(crop_size, padding=4),
-            v2.RandomHorizontalFlip(),
-        ]
-    elif style == "plain":
-        geometric = [] if crop_size is None else [v2.Resize((crop_size, crop_size), antialias=True)]
-    else:
-        raise ValueError(f"unknown transform style {style!r}")
-    erasing = [v2.RandomErasing(p=random_erasing)] if random_erasing > 0 else []
-    return v2.Compose([v2.ToImage(), *geometric, *_augmentation(augment), *_to_normalized(mean, std), *erasing])
-
-
-def build_eval_transform(
-    style: TransformStyle,
-    *,
-    crop_size: int | None,
-    resize_size: int | None,
-    mean: Sequence[float],
-    std: Sequence[float],
-) -> v2.Compose:
-    """Deterministic pipeline for val/test/predict: resize (shorter side), center crop, normalize."""
-    geometric: list[v2.Transform] = []
-    if style == "plain":
-        if crop_size is not None:
-            geometric = [v2.Resize((crop_size, crop_size), antialias=True)]
-    elif crop_size is not None:
-        geometric = [v2.Resize(resize_size or crop_size, antialias=True), v2.CenterCrop(crop_size)]
-    return v2.Compose([v2.ToImage(), *geometric, *_to_normalized(mean, std)])

@@ -1,0 +1,164 @@
+"""The loader back-end, chosen once from ``loader:``: DataLoaders that transform images one by one in workers, or
+the in-memory device store that transforms whole batches on the training device. Both draw the same samples in
+the same order and resume the same way; the DataModule only talks to the :class:`LoaderBackend` interface."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple, Protocol
+
+import torch
+from torch.utils.data import Dataset
+
+from .datasets import SeededTransformDataset
+from .device_store import DeviceImageStore
+from .errors import DataConfigError
+from .loaders import DeviceEvalLoader, DeviceTrainLoader, IndexBatch, ResumableLoader, SeededDataLoader, TrainDataLoader
+from .samplers import EvalShardSampler, ResumableTrainSampler
+from .seeds import mix_seed
+from .splits import RawSplits
+from .transforms import ImagePipeline
+
+LoaderKind = Literal["dataloader", "device"]
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """The DataModule's loader knobs (batch sizes are per process)."""
+
+    batch_size: int
+    eval_batch_size: int
+    num_workers: int = 0
+    pin_memory: bool = True
+    persistent_workers: bool = False
+    drop_last: bool = True
+
+
+class Placement(NamedTuple):
+    """Where loaders are made: the data seed, this process's rank among ``world_size``, the training device."""
+
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device | None = None
+
+    def train_sampler(self, size: int) -> ResumableTrainSampler:
+        return ResumableTrainSampler(size, num_replicas=self.world_size, rank=self.rank, seed=self.seed)
+
+    def eval_sampler(self, size: int) -> EvalShardSampler:
+        return EvalShardSampler(size, num_replicas=self.world_size, rank=self.rank)
+
+
+class LoaderBackend(Protocol):
+    """Turns splits into what Lightning iterates, and transferred batches into ``(images, targets)``."""
+
+    def setup(self, splits: RawSplits, stage: str | None) -> None: ...
+
+    def train_loader(self, splits: RawSplits, place: Placement) -> ResumableLoader: ...
+
+    def eval_loader(self, splits: RawSplits, split: str, place: Placement) -> Iterable[Any]: ...
+
+    def on_after_batch_transfer(self, batch: Any) -> Any: ...
+
+
+def make_backend(kind: LoaderKind, settings: LoaderSettings, pipeline: ImagePipeline) -> LoaderBackend:
+    """The back-end of ``loader: kind``; a DataConfigError names what ``device`` cannot do."""
+    if kind == "dataloader":
+        return DataLoaderBackend(settings, pipeline)
+    if kind != "device":
+        raise DataConfigError(f"loader must be 'dataloader' or 'device', got {kind!r}")
+    if pipeline.style not in ("cifar", "plain"):
+        raise DataConfigError(
+            f"loader: device supports the 'cifar' and 'plain' transform styles (fixed-size images), not "
+            f"{pipeline.style!r}; use loader: dataloader"
+        )
+    if pipeline.augment != "none" or pipeline.random_erasing > 0:
+        raise DataConfigError(
+            "loader: device does crop and flip only; set augment: none and random_erasing: 0, or use loader: dataloader"
+        )
+    return DeviceBackend(settings, pipeline)
+
+
+def eval_dataloader(dataset: Dataset, settings: LoaderSettings, place: Placement) -> SeededDataLoader:
+    """An in-order DataLoader over this rank's shard of ``dataset`` (val, test and predict on the standard path)."""
+    sampler = place.eval_sampler(len(dataset))  # type: ignore[arg-type]
+    return SeededDataLoader(
+        dataset, batch_size=settings.eval_batch_size, sampler=sampler, **_worker_args(settings, place)
+    )
+
+
+def _worker_args(settings: LoaderSettings, place: Placement) -> dict[str, Any]:
+    return {
+        "num_workers": settings.num_workers,
+        "pin_memory": settings.pin_memory and torch.cuda.is_available(),
+        "persistent_workers": settings.persistent_workers and settings.num_workers > 0,
+        "seed": mix_seed(place.seed, place.rank),
+    }
+
+
+class DataLoaderBackend:
+    """``loader: dataloader``: torch DataLoaders; each sample is decoded and transformed on its own."""
+
+    def __init__(self, settings: LoaderSettings, pipeline: ImagePipeline) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+
+    def setup(self, splits: RawSplits, stage: str | None) -> None:
+        """Nothing to prepare: samples are read when a batch is drawn."""
+
+    def train_loader(self, splits: RawSplits, place: Placement) -> TrainDataLoader:
+        return TrainDataLoader(
+            SeededTransformDataset(splits.train, self.pipeline.train()),
+            batch_size=self.settings.batch_size,
+            sampler=place.train_sampler(len(splits.train)),  # type: ignore[arg-type]
+            drop_last=self.settings.drop_last,
+            **_worker_args(self.settings, place),
+        )
+
+    def eval_loader(self, splits: RawSplits, split: str, place: Placement) -> SeededDataLoader:
+        dataset = SeededTransformDataset(getattr(splits, split), self.pipeline.eval())
+        return eval_dataloader(dataset, self.settings, place)
+
+    def on_after_batch_transfer(self, batch: Any) -> Any:
+        return batch
+
+
+class DeviceBackend:
+    """``loader: device``: index batches into a :class:`DeviceImageStore` of the splits on the training device."""
+
+    def __init__(self, settings: LoaderSettings, pipeline: ImagePipeline) -> None:
+        self.settings = settings
+        self.pipeline = pipeline
+        self._store: tuple[RawSplits, DeviceImageStore] | None = None
+
+    def store(self, splits: RawSplits) -> DeviceImageStore:
+        """The store of ``splits`` (a new one when the DataModule reloaded its splits)."""
+        if self._store is None or self._store[0] is not splits:
+            self._store = (splits, DeviceImageStore.from_splits(splits, self.pipeline, self.settings.num_workers))
+        return self._store[1]
+
+    def setup(self, splits: RawSplits, stage: str | None) -> None:
+        """For ``fit``: decode the train and val images now, with the rest of the set-up, not in the first step."""
+        store = self.store(splits)
+        if stage == "fit":
+            for name in ("train", "val"):
+                if name in store.split_names:
+                    store.cpu(name)
+
+    def train_loader(self, splits: RawSplits, place: Placement) -> DeviceTrainLoader:
+        self.store(splits)
+        sampler = place.train_sampler(len(splits.train))  # type: ignore[arg-type]
+        return DeviceTrainLoader(sampler, self.settings.batch_size, self.settings.drop_last, device=place.device)
+
+    def eval_loader(self, splits: RawSplits, split: str, place: Placement) -> DeviceEvalLoader:
+        self.store(splits)
+        sampler = place.eval_sampler(len(getattr(splits, split)))
+        return DeviceEvalLoader(sampler, self.settings.eval_batch_size, split, device=place.device)
+
+    def on_after_batch_transfer(self, batch: Any) -> Any:
+        """Gather, augment and normalise an index batch on the device it was moved to."""
+        if not isinstance(batch, IndexBatch):
+            return batch
+        assert self._store is not None, "index batches come from loaders of this back-end, which build the store"
+        return self._store[1].materialize(batch)
