@@ -1,4 +1,9 @@
-"""`ResNetClassifier`: the LightningModule that trains any network of the zoo."""
+"""`ResNetClassifier`: the LightningModule that trains any network of the zoo.
+
+Shaped like torchgeo's `ClassificationTask`: `configure_*` methods build the network, the batch mixer and one
+`MetricCollection` that is cloned per stage. The non-finite loss policy is a callback
+(`resnet_lit.fault_tolerance.nonfinite`) that reads `nonfinite_loss` from the hyperparameters.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from jsonargparse.typing import NonNegativeFloat, PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
@@ -20,7 +25,7 @@ from resnet_lit.fault_tolerance.checkpoint_io import (
     check_checkpoint_fits,
     load_network_weights,
 )
-from resnet_lit.fault_tolerance.nonfinite import NonFiniteLossGuard, NonFinitePolicy
+from resnet_lit.fault_tolerance.nonfinite import NonFinitePolicy
 from resnet_lit.models import NetworkConfig, create_model
 from resnet_lit.optim import param_groups, scale_learning_rate
 
@@ -51,7 +56,7 @@ class ResNetClassifier(L.LightningModule):
         compile: `torch.compile` the network.
         predict_top_k: how many classes `predict_step` returns per image.
         nonfinite_loss: on a NaN/inf training loss, "stop" training (naming the step and the last checkpoint)
-            or "skip" the step on all ranks and count it (see `resnet_lit.fault_tolerance.nonfinite`).
+            or "skip" the step on all ranks and count it; applied by the `NonFiniteLossPolicy` callback.
         init_from: start from the network weights of this checkpoint (fine-tuning; not a resume, which is
             `--ckpt_path`). Not saved in the hyperparameters.
         reinit_head: with `init_from`, keep a freshly initialised classifier head, e.g. for other classes.
@@ -89,29 +94,57 @@ class ResNetClassifier(L.LightningModule):
         self.hparams["net"] = net.overrides()
         # Checkpoints must load with torch.load(weights_only=True): keep hyperparameters plain builtins.
         self.hparams.update(plain_data(dict(self.hparams)))
-
-        self.net = create_model(arch, num_classes=num_classes, in_channels=in_channels, **net.overrides())
-        if init_from is not None:
-            rank_zero_info(load_network_weights(self.net, init_from, reinit_head))
-        elif reinit_head:
-            raise CheckpointMismatchError("model.reinit_head needs model.init_from (the checkpoint to fine-tune from)")
-        self.nonfinite = NonFiniteLossGuard(nonfinite_loss)
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        if channels_last:
-            self.net.to(memory_format=torch.channels_last)
-        if compile:
-            self.net.compile()
-        self.batch_mixer = _batch_mixer(num_classes, mixup_alpha, cutmix_alpha)
+        self.progress_bar_interval = 1  # steps between progress-bar loss copies; the Trainer's log_every_n_steps
+        self.configure_network(init_from, reinit_head)
+        self.configure_batch_mixer()
+        self.configure_metrics()
 
-        self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc_top5 = _top5_accuracy(num_classes)
-        self.test_acc_top5 = _top5_accuracy(num_classes)
+    def configure_network(self, init_from: str | None = None, reinit_head: bool = False) -> None:
+        """`self.net` from the hyperparameters, optionally with the weights of the checkpoint `init_from`."""
+        hparams = self.hparams
+        self.net = create_model(hparams.arch, num_classes=hparams.num_classes, in_channels=hparams.in_channels,
+                                **hparams.net)  # fmt: skip
+        if init_from is not None:
+            rank_zero_info(load_network_weights(self.net, init_from, reinit_head))
+        elif reinit_head:
+            raise CheckpointMismatchError("model.reinit_head needs model.init_from (the checkpoint to fine-tune from)")
+        if hparams.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if hparams.compile:
+            self.net.compile()
+
+    def configure_batch_mixer(self) -> None:
+        """`self.batch_mixer`: MixUp or CutMix (one of both, chosen per batch, when both are on), or None."""
+        hparams = self.hparams
+        mixers: list[nn.Module] = []
+        if hparams.mixup_alpha > 0:
+            mixers.append(v2.MixUp(alpha=hparams.mixup_alpha, num_classes=hparams.num_classes))
+        if hparams.cutmix_alpha > 0:
+            mixers.append(v2.CutMix(alpha=hparams.cutmix_alpha, num_classes=hparams.num_classes))
+        self.batch_mixer = v2.RandomChoice(mixers) if len(mixers) > 1 else (mixers[0] if mixers else None)
+
+    def configure_metrics(self) -> None:
+        """One collection of loss, accuracy and (5 classes or more) top-5 accuracy, cloned for validation and
+        test; training keeps only the accuracy, since its loss is logged per step."""
+        num_classes = self.hparams.num_classes
+        metrics: dict[str, Any] = {
+            "loss": MeanCrossEntropy(),
+            "acc": MulticlassAccuracy(num_classes, average="micro"),
+        }
+        if num_classes >= 5:  # top-5 of fewer classes is always 1
+            metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+        # One metric per group: the resume code saves and restores every metric's state on every rank.
+        collection = MetricCollection(metrics, compute_groups=False)
+        self.train_metrics = MetricCollection({"acc": metrics["acc"].clone()}, prefix="train/", compute_groups=False)
+        self.val_metrics = collection.clone(prefix="val/")
+        self.test_metrics = collection.clone(prefix="test/")
+
+    def setup(self, stage: str) -> None:
+        self.progress_bar_interval = max(1, self.trainer.log_every_n_steps)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images.contiguous(memory_format=self.memory_format))
@@ -122,70 +155,33 @@ class ResNetClassifier(L.LightningModule):
         if self.batch_mixer is not None:
             images, targets = self.batch_mixer(images, targets)
             hard_targets = targets.argmax(dim=1)
-        self.nonfinite.before_forward(self.net)
         logits = self(images)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
-        if self.nonfinite.policy == "skip":
-            self.log("train/nonfinite_skipped", float(self.nonfinite.skipped), on_step=True, on_epoch=False)
-        # Under the "skip" policy this is collective: all ranks agree before anyone drops the step.
-        if self._trainer is not None and self.nonfinite.after_loss(self._trainer, loss, batch_idx):
-            return self.nonfinite.skip_loss(self)  # zero gradients, discarded in on_before_optimizer_step
         # Per step only what costs nothing: no host sync, no batch-level metric value (see docs/performance.md).
-        self.train_acc.update(logits.detach(), hard_targets)  # train/acc is logged once, at the epoch end
+        self.train_metrics.update(logits.detach(), hard_targets)  # train/acc is logged once, at the epoch end
         # The mean over all processes: the loss of the global batch this optimizer step used.
         self.log("train/loss", loss, sync_dist=True)
-        if self._trainer is None or batch_idx % max(1, self._trainer.log_every_n_steps) == 0:
+        if batch_idx % self.progress_bar_interval == 0:
             # The progress bar converts its values with .item() after every step, a host-device sync on GPUs:
             # give it a CPU copy, refreshed only when the logger syncs anyway.
             self.log("loss", loss.detach().float().cpu(), prog_bar=True, logger=False)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0:
-            self.nonfinite.check(self.trainer)  # "stop" policy: raises NonFiniteLossError naming the bad step
-
     def on_train_epoch_end(self) -> None:
-        self.nonfinite.check(self.trainer)
-        self.log("train/acc", self.train_acc)
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self.nonfinite.before_optimizer_step(optimizer)
-
-    def on_train_end(self) -> None:
-        self.nonfinite.check(self.trainer)
-        self.nonfinite.summarize()
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self._trainer is not None:
-            self.nonfinite.check(self.trainer)  # never write a checkpoint after a non-finite loss
-        checkpoint["nonfinite_skipped"] = self.nonfinite.skipped
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self._trainer is not None and self.strict_loading:  # restoring through a Trainer (CLI --ckpt_path)
-            check_checkpoint_fits(self, checkpoint)  # lists mismatched keys and shapes, not torch's wall of text
-        self.nonfinite.skipped = int(checkpoint.get("nonfinite_skipped", 0))
-
-    def _evaluate(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
-        images, targets = batch
-        logits = self(images)
-        loss = F.cross_entropy(logits, targets)
-        mean_loss, acc = getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_acc")
-        top5 = getattr(self, f"{stage}_acc_top5")
-        # torchmetrics objects sum counts over all ranks at epoch end, so distributed results are exact
-        # even when ranks hold different numbers of samples.
-        mean_loss.update(loss, weight=targets.shape[0])
-        acc.update(logits, targets)
-        self.log(f"{stage}/loss", mean_loss, prog_bar=stage == "val")
-        self.log(f"{stage}/acc", acc, prog_bar=stage == "val")
-        if top5 is not None:
-            top5.update(logits, targets)
-            self.log(f"{stage}/acc_top5", top5)
+        self.log_dict(self.train_metrics)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+        self._evaluate(batch, self.val_metrics, prog_bar=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+        self._evaluate(batch, self.test_metrics)
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, prog_bar: bool = False) -> None:
+        images, targets = batch
+        metrics.update(self(images), targets)
+        # Logged as metric objects: Lightning computes them at the epoch end from counts summed over all ranks,
+        # so distributed results are exact even when ranks hold different numbers of samples.
+        self.log_dict(metrics, prog_bar=prog_bar)
 
     def predict_step(self, batch: tuple[Tensor, Any], batch_idx: int) -> dict[str, Any]:
         """Top-k class indices, names and probabilities per image, plus whatever identifies the images."""
@@ -200,10 +196,12 @@ class ResNetClassifier(L.LightningModule):
             "class_names": [[self.class_names[i] for i in row] for row in top_classes.tolist()],
         }
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.strict_loading and _attached_to_a_trainer(self):  # CLI --ckpt_path, not load_from_checkpoint
+            check_checkpoint_fits(self, checkpoint)  # lists mismatched keys and shapes, not torch's wall of text
+
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(
-            param_groups(self.net, self.hparams.no_weight_decay_on_norm_and_bias)
-        )
+        optimizer = self.optimizer_factory(param_groups(self.net, self.hparams.no_weight_decay_on_norm_and_bias))
         self._scale_learning_rate(optimizer)
         if self.scheduler_factory is None:
             return optimizer
@@ -251,17 +249,16 @@ def global_batch_size(trainer: L.Trainer) -> int:
     return trainer.world_size * int(batch_size) * trainer.accumulate_grad_batches
 
 
-def _top5_accuracy(num_classes: int) -> MulticlassAccuracy | None:
-    """Top-5 accuracy, or None where it is meaningless (fewer than 5 classes)."""
-    return MulticlassAccuracy(num_classes, top_k=5, average="micro") if num_classes >= 5 else None
+class MeanCrossEntropy(MeanMetric):
+    """Cross-entropy of logits and class indices, averaged over every sample seen (on all ranks)."""
+
+    def update(self, logits: Tensor, targets: Tensor) -> None:  # type: ignore[override]
+        super().update(F.cross_entropy(logits, targets), weight=targets.shape[0])
 
 
-def _batch_mixer(num_classes: int, mixup_alpha: float, cutmix_alpha: float) -> nn.Module | None:
-    mixers: list[nn.Module] = []
-    if mixup_alpha > 0:
-        mixers.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
-    if cutmix_alpha > 0:
-        mixers.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
-    if not mixers:
-        return None
-    return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+def _attached_to_a_trainer(module: L.LightningModule) -> bool:
+    """Whether `module` is attached to a Trainer (`LightningModule.trainer` raises when it is not)."""
+    try:
+        return module.trainer is not None
+    except RuntimeError:
+        return False

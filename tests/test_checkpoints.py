@@ -3,6 +3,8 @@ architecture mismatches, and fine-tuning with a re-initialised head."""
 
 from __future__ import annotations
 
+import csv
+import inspect
 import logging
 import os
 import pathlib
@@ -13,9 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 from faultinject import QUICKSTART, QUIET, checkpoint_step
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from resnet_lit import ResNetClassifier
 from resnet_lit.cli import main
+from resnet_lit.fault_tolerance import ResumableCheckpoint, ResumableCSVLogger
 from resnet_lit.fault_tolerance.checkpoint_io import AtomicCheckpointIO, CheckpointMismatchError, atomic_torch_save
 from resnet_lit.models import NetworkConfig
 
@@ -146,3 +151,32 @@ def test_fine_tuning_through_the_cli(
         main(args)
     assert "model.reinit_head: true" in str(exit_info.value.code)
     main([*args, "--model.reinit_head", "true"])
+
+
+# --- the Lightning members that the fault-tolerance classes extend ------------------------------------------
+def test_modelcheckpoint_members_that_resumable_checkpoint_extends_are_there() -> None:
+    """ResumableCheckpoint decides when to save and leaves the writing to ModelCheckpoint's protected savers and
+    triggers. A Lightning upgrade that renames or reshapes one of them fails here first."""
+    savers = ("_save_topk_checkpoint", "_save_last_checkpoint")
+    for name in savers:
+        assert list(inspect.signature(getattr(ModelCheckpoint, name)).parameters) == [
+            "self", "trainer", "monitor_candidates"]  # fmt: skip
+    for name in ("_should_skip_saving_checkpoint", "_should_save_on_train_epoch_end"):
+        assert list(inspect.signature(getattr(ModelCheckpoint, name)).parameters) == ["self", "trainer"]
+    callback = ResumableCheckpoint(every_n_train_steps=5)
+    assert callback._last_global_step_saved == 0
+    # Epoch-end top-k saves stay on with an interval, and checkpoints file the callback's state under that setting.
+    assert callback._every_n_epochs == callback.every_n_epochs == 1
+    assert "'every_n_epochs': 1" in callback.state_key
+
+
+def test_csv_logger_with_append_continues_metrics_csv(tmp_path: Path) -> None:
+    """ResumableCSVLogger overrides the protected hook in which Lightning's writer deletes an existing file."""
+    assert callable(ExperimentWriter._check_log_dir_exists)
+    (tmp_path / "metrics.csv").write_text("epoch,step,train/loss\n0,0,2.5\n")
+    logger = ResumableCSVLogger(save_dir=str(tmp_path), name="", version="", append=True)
+    logger.log_metrics({"train/loss": 2.0, "val/acc": 0.5}, step=1)
+    logger.save()
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(row["step"], row["train/loss"], row["val/acc"]) for row in rows] == [("0", "2.5", ""), ("1", "2.0", "0.5")]

@@ -152,6 +152,37 @@ def test_unknown_architecture_suggests_close_matches(capsys: pytest.CaptureFixtu
     assert "resnet20" in message
 
 
+def test_unknown_block_option_is_one_line_naming_the_block_and_its_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", QUICKSTART, "--model.net.block_args", "{reductoin: 8}", "--trainer.fast_dev_run",
+              "true", "--trainer.default_root_dir", str(tmp_path), *QUIET])  # fmt: skip
+    message = str(exit_info.value.code)
+    assert message.startswith("resnet-lit: error: block ") and "\n" not in message, message
+    assert "'basic'" in message and "reductoin" in message and "valid options" in message
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_config_errors_wrapped_by_jsonargparse_are_unwrapped() -> None:
+    from resnet_lit.cli import _config_error
+    from resnet_lit.models.errors import ModelConfigError
+
+    cause = ModelConfigError("block 'se' has no option(s) x")
+    wrapped = ValueError("Does not validate against any of the Union subtypes")  # what jsonargparse raises
+    wrapped.__cause__ = cause
+    assert _config_error(wrapped) is cause
+    assert _config_error(ValueError("unrelated")) is None
+
+
+def test_training_commands_do_not_import_the_benchmarks() -> None:
+    check = ("import sys, resnet_lit.cli, resnet_lit.training_cli; "
+             "print(sorted(m for m in sys.modules if m.startswith('resnet_lit.bench')))")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
+
+
 @pytest.mark.slow
 def test_imagefolder_on_real_cifar10_jpegs_beats_chance(tmp_path: Path) -> None:
     root = unpack_cifar_jpegs(tmp_path / "cifar", per_class=250)

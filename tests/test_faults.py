@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from faultinject import QUICKSTART, QUIET, NaNAtStep, cli_command, fault_env, la
 
 from fakedata import write_image_folder
 from resnet_lit.cli import ResNetLitCLI, main
-from resnet_lit.fault_tolerance import NonFiniteLossError, NonFiniteLossGuard
+from resnet_lit.fault_tolerance import NonFiniteLossError, NonFiniteLossPolicy
 
 SHORT_FIT = ["fit", "--config", QUICKSTART, "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1",
              "--checkpoint.every_n_train_steps", "5", *QUIET]  # fmt: skip
@@ -52,7 +53,7 @@ def test_nan_loss_skip_policy_drops_the_step_without_a_trace_and_counts_it(tmp_p
         assert torch.equal(before, injector.after[key]), key
     assert last_metric(tmp_path / "metrics.csv", "train/nonfinite_skipped") == 1.0
     assert math.isfinite(cli.trainer.callback_metrics["val/loss"].item())
-    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["nonfinite_skipped"] == 1
+    assert _skipped_in(tmp_path / "checkpoints" / "last.ckpt") == 1
 
 
 class _Ranks:
@@ -71,35 +72,82 @@ class _Ranks:
         return torch.stack([tensor, *(torch.tensor(int(flag)) for flag in self.others)]).max()
 
 
+def _skipped_in(checkpoint: Path) -> int:
+    return torch.load(checkpoint, weights_only=True)["callbacks"]["NonFiniteLossPolicy"]["skipped"]
+
+
+def _policy(name: str, module: torch.nn.Module) -> NonFiniteLossPolicy:
+    module.hparams = {"nonfinite_loss": name}
+    policy = NonFiniteLossPolicy()
+    policy.setup(_Ranks([]), module, "fit")
+    return policy
+
+
+def _drops_step(policy: NonFiniteLossPolicy, module: torch.nn.Module, ranks: _Ranks, loss: torch.Tensor) -> bool:
+    """Run the policy's hooks around one training step; True when it discarded the step's gradients."""
+    policy.on_train_batch_start(ranks, module, None, 3)
+    policy.on_before_backward(ranks, module, loss)
+    for param in module.parameters():
+        param.grad = torch.ones_like(param)
+    policy.on_before_optimizer_step(ranks, module, torch.optim.SGD(module.parameters(), lr=0.1))
+    return all(param.grad is None for param in module.parameters())
+
+
 def test_nonfinite_decision_is_the_same_on_every_rank() -> None:
     finite, nan = torch.tensor(0.7), torch.tensor(float("nan"))
-    skip = NonFiniteLossGuard("skip")
-    assert not skip.after_loss(_Ranks([False]), finite, 0)
-    assert skip.after_loss(_Ranks([True]), finite, 0)  # another rank's NaN: this rank skips too
-    assert skip.after_loss(_Ranks([False, False]), nan, 0)
-    assert skip.skipped == 2
+    net = torch.nn.Linear(2, 2)
+    skip = _policy("skip", net)
+    assert not _drops_step(skip, net, _Ranks([False]), finite)
+    assert _drops_step(skip, net, _Ranks([True]), finite)  # another rank's NaN: this rank skips too
+    assert _drops_step(skip, net, _Ranks([False, False]), nan)
+    assert skip.skipped == 2 and skip.state_dict() == {"skipped": 2}
 
-    stop = NonFiniteLossGuard("stop")
+    stop = _policy("stop", net)
     ranks = _Ranks([False])
-    for batch in range(3):
-        assert not stop.after_loss(ranks, finite, batch)  # only recorded, no sync per step
+    for _ in range(3):
+        assert not _drops_step(stop, net, ranks, finite)  # only recorded, no sync per step
     stop.check(ranks)  # all finite everywhere
-    assert not stop.after_loss(ranks, finite, 3)
+    assert not _drops_step(stop, net, ranks, finite)
     ranks.others = [True]  # the other rank saw a NaN since the last check
     with pytest.raises(NonFiniteLossError, match=r"step 12 \(epoch 3, batch 3\), non-finite on another rank"):
         stop.check(ranks)
 
 
+def test_stop_policy_checks_before_every_checkpoint_write() -> None:
+    net = torch.nn.Linear(2, 2)
+    stop = _policy("stop", net)
+    ranks = _Ranks([])
+    stop.on_train_batch_start(ranks, net, None, 3)
+    stop.on_before_backward(ranks, net, torch.tensor(float("inf")))
+    with pytest.raises(NonFiniteLossError, match="no checkpoint was written before it"):
+        stop.on_save_checkpoint(ranks, net, {})
+    assert stop.last_saved_step is None
+
+    stop.on_load_checkpoint(ranks, net, {"global_step": 40})  # a resumed run names its checkpoint's step
+    ranks.checkpoint_callbacks = [SimpleNamespace(last_model_path="run/checkpoints/last.ckpt")]
+    stop.on_before_backward(ranks, net, torch.tensor(float("nan")))
+    with pytest.raises(NonFiniteLossError, match=r"last good checkpoint: run/checkpoints/last.ckpt \(step 40\)"):
+        stop.on_train_epoch_end(ranks, net)
+
+
 def test_skip_policy_restores_batchnorm_statistics() -> None:
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
-    guard = NonFiniteLossGuard("skip")
-    guard.before_forward(net)
+    policy = _policy("skip", net)
+    policy.on_train_batch_start(_Ranks([]), net, None, 0)
     saved = {k: v.clone() for k, v in net.state_dict().items()}
     loss = net(torch.full((2, 1, 5, 5), float("nan"))).mean()
     assert net[1].running_mean.isnan().all()  # the NaN batch poisoned the statistics
-    assert guard.after_loss(_Ranks([]), loss, 0)
+    policy.on_before_backward(_Ranks([]), net, loss)
+    loss.backward()  # BatchNorm's backward reads the statistics it saved: they are restored only after it
+    policy.on_after_backward(_Ranks([]), net)
+    assert policy.skipped == 1
     for key, value in net.state_dict().items():
         assert torch.equal(value, saved[key]), key
+
+
+def test_unknown_policy_is_refused_at_setup() -> None:
+    with pytest.raises(ValueError, match="'stop' or 'skip', got 'ignore'"):
+        _policy("ignore", torch.nn.Linear(1, 1))
 
 
 @pytest.mark.slow
@@ -119,7 +167,7 @@ def test_nan_on_one_ddp_rank_is_skipped_by_both_without_hanging(tmp_path: Path) 
     assert "skipped training step 7 (epoch 0, batch 7): non-finite loss (finite here" in result.stderr  # rank 0
     assert last_metric(tmp_path / "metrics.csv", "train/nonfinite_skipped") == 1.0
     saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    assert saved["nonfinite_skipped"] == 1
+    assert saved["callbacks"]["NonFiniteLossPolicy"]["skipped"] == 1
     assert saved["resnet_lit_rank_states"]["world_size"] == 2 and len(saved["resnet_lit_rank_states"]["ranks"]) == 2
 
 

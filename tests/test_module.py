@@ -89,8 +89,21 @@ def test_label_smoothing_reaches_the_training_loss() -> None:
 
 
 def test_top5_is_skipped_below_five_classes() -> None:
-    assert ResNetClassifier(arch="resnet20", num_classes=3).val_acc_top5 is None
-    assert ResNetClassifier(arch="resnet20", num_classes=5).val_acc_top5 is not None
+    assert "acc_top5" not in ResNetClassifier(arch="resnet20", num_classes=3).val_metrics
+    assert "acc_top5" in ResNetClassifier(arch="resnet20", num_classes=5).val_metrics
+
+
+def test_metric_collections_log_the_established_names() -> None:
+    module = ResNetClassifier(arch="resnet20", num_classes=10)
+    assert list(module.train_metrics.keys()) == ["train/acc"]  # train/loss is logged per step, not as a metric
+    assert set(module.val_metrics.keys()) == {"val/loss", "val/acc", "val/acc_top5"}
+    assert set(module.test_metrics.keys()) == {"test/loss", "test/acc", "test/acc_top5"}
+    logits, targets = torch.randn(6, 10), torch.arange(6)
+    module.val_metrics.update(logits, targets)
+    values = module.val_metrics.compute()
+    assert values["val/loss"].item() == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-6)
+    assert values["val/acc"].item() == pytest.approx((logits.argmax(1) == targets).float().mean().item())
+    assert module.test_metrics["acc"].update_count == 0  # the stages hold separate states
 
 
 def test_predict_step_returns_topk_names_and_probabilities() -> None:

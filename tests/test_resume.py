@@ -7,14 +7,18 @@ All runs are the PARITY_FIT job (quickstart for 2 epochs = 38 steps, drop-path 0
 from __future__ import annotations
 
 import csv
+import io
+import os
 import random
 import signal
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from faultinject import (
+    LAUNCHER_VARS,
     PARITY_FIT,
     STEPS_PER_EPOCH,
     Crash,
@@ -24,11 +28,27 @@ from faultinject import (
     last_metric,
     wait_for,
 )
+from lightning.pytorch import Trainer
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
 from resnet_lit.cli import ResNetLitCLI
-from resnet_lit.fault_tolerance import Preempted, PreemptionHandler, RankStateCheckpoint, ResumableCheckpoint
+from resnet_lit.fault_tolerance import (
+    CorruptImageReport,
+    NonFiniteLossPolicy,
+    Preempted,
+    PreemptionHandler,
+    RankStateCheckpoint,
+    ResumableCheckpoint,
+)
 from resnet_lit.fault_tolerance.checkpoint_io import AtomicCheckpointIO
-from resnet_lit.fault_tolerance.rng_state import CHECKPOINT_KEY, capture_rng_state, restore_rng_state
+from resnet_lit.fault_tolerance.checkpointing import in_gradient_accumulation
+from resnet_lit.fault_tolerance.rng_state import (
+    CHECKPOINT_KEY,
+    capture_metric_states,
+    capture_rng_state,
+    restore_metric_states,
+    restore_rng_state,
+)
 
 TOTAL_STEPS = 2 * STEPS_PER_EPOCH
 TOLERANCE = 1e-6
@@ -47,8 +67,45 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
 def test_fit_installs_the_fault_tolerance_pieces(tmp_path: Path) -> None:
     cli = ResNetLitCLI(args=[*PARITY_FIT[1:], "--trainer.default_root_dir", str(tmp_path)], run=False)
     kinds = [type(cb) for cb in cli.trainer.callbacks]
-    assert RankStateCheckpoint in kinds and PreemptionHandler in kinds and ResumableCheckpoint in kinds
+    for kind in (RankStateCheckpoint, PreemptionHandler, CorruptImageReport, NonFiniteLossPolicy, ResumableCheckpoint):
+        assert kinds.count(kind) == 1, kind
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+class _OwnPreemption(PreemptionHandler):
+    """A user's variant of a fault-tolerance callback."""
+
+
+def test_configured_callbacks_and_checkpoint_io_take_the_place_of_the_defaults(tmp_path: Path) -> None:
+    run = [*PARITY_FIT[1:], "--trainer.default_root_dir", str(tmp_path)]
+    configured = ["--trainer.callbacks+=test_resume._OwnPreemption",
+                  "--trainer.callbacks+=resnet_lit.fault_tolerance.RankStateCheckpoint",
+                  "--trainer.plugins+=lightning.pytorch.plugins.io.AsyncCheckpointIO"]  # fmt: skip
+    cli = ResNetLitCLI(args=[*run, *configured], run=False)
+    kinds = [type(cb) for cb in cli.trainer.callbacks]
+    assert _OwnPreemption in kinds and PreemptionHandler not in kinds  # a subclass replaces the default
+    assert kinds.count(RankStateCheckpoint) == 1 and CorruptImageReport in kinds
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AsyncCheckpointIO)
+
+    # A plugin that is no CheckpointIO keeps the atomic writes; the defaults are fresh objects for every CLI.
+    environment = "--trainer.plugins+=lightning.fabric.plugins.environments.LightningEnvironment"
+    again = ResNetLitCLI(args=[*run, environment], run=False)
+    assert isinstance(again.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert not {id(cb) for cb in again.trainer.callbacks} & {id(cb) for cb in cli.trainer.callbacks}
+
+
+def test_resume_from_nothing_and_mid_epoch_without_resume_warnings_or_global_filters(tmp_path: Path) -> None:
+    run = [*PARITY_FIT, "--trainer.default_root_dir", str(tmp_path), "--ckpt_path", "last"]
+    filters = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ResNetLitCLI(args=[*run, "--trainer.max_steps", "5"])  # nothing to resume yet: a new run
+        assert checkpoint_step(tmp_path / "checkpoints" / "last.ckpt") == 5  # mid-epoch
+        resumed = ResNetLitCLI(args=[*run, "--trainer.max_steps", "7"])
+    assert resumed.trainer.global_step == 7
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "no last checkpoint" in m or "ended before the epoch ended" in m], messages
+    assert warnings.filters == filters  # no process-wide filter left behind
 
 
 @pytest.mark.slow
@@ -91,6 +148,87 @@ def test_rng_state_round_trip_is_weights_only_loadable(tmp_path: Path) -> None:
     restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     again = (torch.rand(3), np.random.rand(3), pyrandom.random())
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+def test_metric_states_round_trip_through_public_torchmetrics_api() -> None:
+    from torchmetrics import MeanMetric, MetricCollection
+    from torchmetrics.classification import MulticlassAccuracy
+
+    def module() -> torch.nn.Module:
+        holder = torch.nn.Module()
+        holder.metrics = MetricCollection({"acc": MulticlassAccuracy(3, average="micro"), "loss": MeanMetric()})
+        return holder
+
+    logits, targets = torch.randn(8, 3), torch.randint(0, 3, (8,))
+    original = module()
+    original.metrics["acc"].update(logits, targets)
+    original.metrics["loss"].update(torch.tensor([0.5, 1.5]))
+    saved = torch.load(_round_trip(capture_metric_states(original)), weights_only=True)
+
+    resumed = module()
+    resumed.metrics["acc"].update(logits[:2], targets[:2])  # stale work of the resumed run is replaced
+    restore_metric_states(resumed, saved)
+    for metrics in (original.metrics, resumed.metrics):  # both continue with the same batch
+        metrics["acc"].update(logits[:4], targets[:4])
+        metrics["loss"].update(torch.tensor([3.0]))
+    expected = {name: value.item() for name, value in original.metrics.compute().items()}
+    assert {name: value.item() for name, value in resumed.metrics.compute().items()} == pytest.approx(expected)
+
+
+def _round_trip(obj: object) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+@pytest.mark.parametrize(
+    ("env", "requeue"),
+    [({}, None), ({"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "r50"}, signal.SIGUSR1),
+     ({"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "interactive"}, None),
+     ({"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "r50", "TORCHELASTIC_RUN_ID": "x"}, None)],
+    ids=["plain", "slurm", "slurm-interactive", "torchrun-in-slurm"],
+)  # fmt: skip
+def test_single_device_requeue_signal_follows_lightnings_cluster_environment(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], requeue: int | None
+) -> None:
+    for key in list(os.environ):
+        if key.startswith("SLURM_") or key in LAUNCHER_VARS:
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    assert PreemptionHandler()._requeue_signal(trainer) == requeue
+
+
+def test_preemption_saves_through_a_plain_modelcheckpoint_too(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from resnet_lit.fault_tolerance.preemption import save_last_checkpoint
+
+    callback = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    trainer = Trainer(max_steps=3, callbacks=[callback], logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer.fit(BoringModel())
+    path = save_last_checkpoint(trainer)
+    assert path == str(tmp_path / "last.ckpt") == callback.last_model_path
+    saved = torch.load(path, weights_only=True)
+    assert saved["global_step"] == 3
+    assert any(state.get("last_model_path") == path for state in saved["callbacks"].values())
+
+
+class _Steps:
+    """The trainer attributes that `in_gradient_accumulation` reads."""
+
+    def __init__(self, accumulate: int, last: bool = False) -> None:
+        self.accumulate_grad_batches, self.is_last_batch = accumulate, last
+
+
+def test_no_checkpoint_or_preemption_stop_in_the_middle_of_a_gradient_accumulation() -> None:
+    assert [in_gradient_accumulation(_Steps(3), i) for i in range(6)] == [True, True, False] * 2
+    assert not in_gradient_accumulation(_Steps(3, last=True), 3)  # the epoch's last batch steps the optimizer
+    assert not any(in_gradient_accumulation(_Steps(1), i) for i in range(3))
 
 
 @pytest.mark.slow

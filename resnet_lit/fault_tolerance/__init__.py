@@ -5,8 +5,8 @@ from resnet_lit.fault_tolerance.checkpointing import ResumableCheckpoint
 from resnet_lit.fault_tolerance.cluster import ClusterConfigError, check_launch, explain_launch_errors
 from resnet_lit.fault_tolerance.corrupt_images import CorruptImageReport
 from resnet_lit.fault_tolerance.csv_logger import ResumableCSVLogger
-from resnet_lit.fault_tolerance.install import install_fault_tolerance
-from resnet_lit.fault_tolerance.nonfinite import NonFiniteLossError, NonFiniteLossGuard
+from resnet_lit.fault_tolerance.install import fault_tolerance_callbacks, with_atomic_checkpoint_io
+from resnet_lit.fault_tolerance.nonfinite import NonFiniteLossError, NonFiniteLossPolicy
 from resnet_lit.fault_tolerance.preemption import Preempted, PreemptionHandler
 from resnet_lit.fault_tolerance.rng_state import RankStateCheckpoint
 
@@ -16,7 +16,7 @@ __all__ = [
     "ClusterConfigError",
     "CorruptImageReport",
     "NonFiniteLossError",
-    "NonFiniteLossGuard",
+    "NonFiniteLossPolicy",
     "Preempted",
     "PreemptionHandler",
     "RankStateCheckpoint",
@@ -24,5 +24,6 @@ __all__ = [
     "ResumableCheckpoint",
     "check_launch",
     "explain_launch_errors",
-    "install_fault_tolerance",
+    "fault_tolerance_callbacks",
+    "with_atomic_checkpoint_io",
 ]

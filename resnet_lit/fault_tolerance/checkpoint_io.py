@@ -1,24 +1,15 @@
-"""Crash-safe checkpoint files: atomic writes, weights-only loading, readable architecture mismatches.
-
-Lightning's own ``_atomic_save`` serialises to memory and then lets fsspec write a temporary file in the
-system temp folder (``/tmp``) and ``shutil.move`` it over the target. When ``/tmp`` and the checkpoint
-folder are on different filesystems (a local disk and NFS/Lustre, the usual cluster layout) that move is a
-copy that overwrites ``last.ckpt`` in place, and nothing is fsynced: a kill or a node failure during the
-copy leaves a truncated ``last.ckpt``. :class:`AtomicCheckpointIO` writes next to the target instead,
-fsyncs, and renames with :func:`os.replace`, so ``last.ckpt`` is always either the previous or the new
-complete checkpoint.
-"""
+"""Checkpoint files: crash-safe writes, weights-only loading, and readable architecture mismatches."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
+from fsspec.utils import get_protocol
 from lightning.fabric.plugins import TorchCheckpointIO
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
-from lightning.fabric.utilities.types import _PATH
 from torch import nn
 
 TEMP_SUFFIX = ".partial"
@@ -65,18 +56,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning ``CheckpointIO`` with same-folder temp file + fsync + ``os.replace`` writes for local paths
     and ``weights_only=True`` loading unless told otherwise. Remote URLs (``s3://`` ...) use Lightning's path.
 
-    The resnet-lit CLI installs it in place of Lightning's default ``TorchCheckpointIO``.
+    Lightning's own atomic save writes its temporary file in the system temp folder and moves it over the
+    target. When that folder and the checkpoint folder are on different filesystems (a local ``/tmp`` and
+    NFS/Lustre, the usual cluster layout) the move is a copy that overwrites ``last.ckpt`` in place, without
+    fsync: a kill or node failure during it leaves a truncated ``last.ckpt``. Here ``last.ckpt`` is always
+    either the previous or the new complete checkpoint.
+
+    The resnet-lit CLI uses it unless a CheckpointIO plugin is configured.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        if storage_options is not None or not _is_local_file_protocol(path):
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or get_protocol(str(path)) != "file":
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         atomic_torch_save(checkpoint, path)
 
     def load_checkpoint(
         self,
-        path: _PATH,
+        path: str | Path,
         map_location: Callable | None = lambda storage, loc: storage,
         weights_only: bool | None = None,
     ) -> dict[str, Any]:

@@ -1,14 +1,25 @@
-"""`ResumableCheckpoint`: ModelCheckpoint whose `last.ckpt` is always current."""
+"""`ResumableCheckpoint`: a ModelCheckpoint whose `last.ckpt` is always current, for `--ckpt_path last`."""
 
 from __future__ import annotations
 
+import copy
 import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.fabric.utilities.types import _PATH
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import Tensor
+
+
+def checkpoint_metrics(trainer: pl.Trainer) -> dict[str, Tensor]:
+    """What checkpoint file names and the top-k ranking read: the logged metrics, `epoch` and `step`."""
+    metrics = copy.deepcopy(dict(trainer.callback_metrics))
+    metrics["epoch"] = torch.tensor(trainer.current_epoch)
+    metrics["step"] = torch.tensor(trainer.global_step)
+    return metrics
 
 
 class ResumableCheckpoint(ModelCheckpoint):
@@ -29,7 +40,8 @@ class ResumableCheckpoint(ModelCheckpoint):
       middle of a gradient accumulation (a checkpoint cannot hold half-accumulated gradients).
 
     This applies with `save_last: true` (the resnet-lit default) and automatic optimization; otherwise the
-    callback behaves exactly like Lightning's.
+    callback behaves exactly like Lightning's. It extends ModelCheckpoint through its protected members (the
+    top-k and last-file savers, the save triggers); tests/test_checkpoints.py pins each of them.
 
     Checkpoints are written atomically by the resnet-lit CLI's `AtomicCheckpointIO` (write, fsync, rename),
     so a crash during a save leaves the previous `last.ckpt` intact.
@@ -37,7 +49,7 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     def __init__(
         self,
-        dirpath: _PATH | None = None,
+        dirpath: str | Path | None = None,
         filename: str | None = None,
         monitor: str | None = None,
         verbose: bool = False,
@@ -71,21 +83,28 @@ class ResumableCheckpoint(ModelCheckpoint):
             enable_version_counter=enable_version_counter,
         )
         if every_n_epochs is None:
-            self._every_n_epochs = 1
+            self._every_n_epochs = 1  # also part of `state_key`, under which checkpoints hold this callback's state
+        self._step_interval = every_n_train_steps or 0
+        self._time_interval = train_time_interval
+        self._interval_clock: float | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._interval_clock = time.monotonic()
 
     def _uses_parent_logic(self, pl_module: pl.LightningModule) -> bool:
         # save_last: link makes last.ckpt a link to the newest ranked file, which mid-epoch saves do not write.
         return self.save_last is not True or not pl_module.automatic_optimization
 
     def _interval_due(self, trainer: pl.Trainer) -> bool:
-        due = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
-        if self._train_time_interval is not None:
+        due = self._step_interval >= 1 and trainer.global_step % self._step_interval == 0
+        if self._time_interval is not None:
             now = time.monotonic()
-            previous = self._last_time_checked
-            time_due = previous is not None and now - previous >= self._train_time_interval.total_seconds()
+            previous = self._interval_clock
+            time_due = previous is not None and now - previous >= self._time_interval.total_seconds()
             time_due = trainer.strategy.broadcast(time_due)  # one clock decides, so all ranks save together
             if time_due:
-                self._last_time_checked = now
+                self._interval_clock = now
             due = due or time_due
         return due
 
@@ -97,15 +116,14 @@ class ResumableCheckpoint(ModelCheckpoint):
             return
         if not self._interval_due(trainer) or self._should_skip_saving_checkpoint(trainer):
             return
-        epoch_loop = trainer.fit_loop.epoch_loop
-        if epoch_loop.batch_progress.is_last_batch:
+        if trainer.is_last_batch:
             return  # the epoch-end save (after validation) comes next
-        if epoch_loop._should_accumulate():
-            return  # mid gradient accumulation: the accumulated gradients are not in a checkpoint
-        candidates = self._monitor_candidates(trainer)
+        if in_gradient_accumulation(trainer, batch_idx):
+            return  # the accumulated gradients are not in a checkpoint
+        metrics = checkpoint_metrics(trainer)
         if self.monitor is None:
-            self._save_topk_checkpoint(trainer, candidates)
-        self._save_last_checkpoint(trainer, candidates)
+            self._save_topk_checkpoint(trainer, metrics)
+        self._save_last(trainer, metrics)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._uses_parent_logic(pl_module):
@@ -124,10 +142,14 @@ class ResumableCheckpoint(ModelCheckpoint):
         self._save_epoch_end(trainer, top_k=True)
 
     def _save_epoch_end(self, trainer: pl.Trainer, top_k: bool) -> None:
-        candidates = self._monitor_candidates(trainer)
+        metrics = checkpoint_metrics(trainer)
         if top_k and self._every_n_epochs >= 1 and (trainer.current_epoch + 1) % self._every_n_epochs == 0:
-            self._save_topk_checkpoint(trainer, candidates)
-        self._save_last_checkpoint(trainer, candidates)
+            self._save_topk_checkpoint(trainer, metrics)
+        self._save_last(trainer, metrics)
+
+    def _save_last(self, trainer: pl.Trainer, metrics: dict[str, Tensor]) -> None:
+        # ModelCheckpoint's own last-file logic: version counter, `save_last: link`, removal of the previous file.
+        self._save_last_checkpoint(trainer, metrics)
 
     def save_last_now(self, trainer: pl.Trainer) -> str:
         """Write `last.ckpt` for the current step unless that was done already; return its path.
@@ -136,5 +158,11 @@ class ResumableCheckpoint(ModelCheckpoint):
         (`on_train_batch_end`, `on_train_epoch_end`), e.g. on preemption.
         """
         if self._last_global_step_saved != trainer.global_step or not self.last_model_path:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._save_last(trainer, checkpoint_metrics(trainer))
         return self.last_model_path
+
+
+def in_gradient_accumulation(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """Whether the optimizer has not stepped after batch `batch_idx` (of the epoch) because gradients of the
+    next batches are still to be added. The last batch of an epoch always ends an accumulation."""
+    return (batch_idx + 1) % trainer.accumulate_grad_batches != 0 and not trainer.is_last_batch

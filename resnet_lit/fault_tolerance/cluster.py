@@ -1,11 +1,5 @@
-"""Who started this process (torchrun, SLURM's srun or Lightning itself) and whether the Trainer agrees.
-
-External launchers (``torchrun``, ``srun``) start every process themselves and Lightning only joins them, so
-``trainer.devices x trainer.num_nodes`` must equal the number of processes they started. Lightning checks part
-of that when a run starts; :func:`check_launch` runs the same check right after the Trainer is built, adds the
-cases Lightning lets through (e.g. a single-device Trainer under a 2-task ``srun`` trains twice, independently)
-and turns the error into one that says which YAML keys and which launcher options to change.
-"""
+"""Who started this process (torchrun, SLURM's srun or Lightning itself), and a check, right after the Trainer is
+built, that the Trainer's devices x num_nodes match the processes an external launcher started."""
 
 from __future__ import annotations
 
@@ -68,36 +62,49 @@ def detect_launch(environ: Mapping[str, str] | None = None) -> Launch:
     return Launch("lightning")
 
 
+SLURM_HINT = (
+    "resnet-lit hint: under SLURM, srun starts one process per task and Lightning only joins them, so "
+    "trainer.devices must equal --ntasks-per-node and trainer.num_nodes must equal --nodes "
+    "(this job: SLURM_NTASKS={ntasks}, SLURM_NTASKS_PER_NODE={ntasks_per_node}, SLURM_NNODES={nnodes}). "
+    "Either run with --trainer.devices {devices} --trainer.num_nodes {num_nodes}, "
+    "or make the batch script ask for what the config says: #SBATCH --nodes=<trainer.num_nodes> "
+    "--ntasks-per-node=<trainer.devices> --gpus-per-node=<trainer.devices>, and start it with "
+    "`srun resnet-lit fit ...`. `devices: auto` counts the GPUs each task can see, which is 1, not the "
+    "task count, when the job uses --gpus-per-task=1. To let Lightning start the processes itself "
+    "inside an allocation instead, run one task with SLURM_JOB_NAME=interactive."
+)
+TORCHRUN_HINT = (
+    "resnet-lit hint: torchrun starts the processes and Lightning only joins them, so trainer.devices "
+    "must equal torchrun's --nproc_per_node and trainer.num_nodes its --nnodes "
+    "(this launch: WORLD_SIZE={world_size}, LOCAL_WORLD_SIZE={local_world_size}). "
+    "Run with --trainer.devices {devices} --trainer.num_nodes {num_nodes} --trainer.strategy ddp. "
+    "On CPU `devices: auto` means 1 process, so set it explicitly there."
+)
+
+
 def launch_hint(launch: Launch, environ: Mapping[str, str] | None = None) -> str:
     """What to change when the Trainer and an external launcher disagree on the process layout."""
     env = os.environ if environ is None else environ
     if launch.launcher == "slurm":
-        per_node = env.get("SLURM_NTASKS_PER_NODE", "unset")
-        nodes = env.get("SLURM_NNODES", "unset")
-        devices = launch.per_node if launch.per_node is not None else "<tasks per node>"
-        num_nodes = launch.nodes if launch.nodes is not None else "<nodes>"
-        return (
-            "resnet-lit hint: under SLURM, srun starts one process per task and Lightning only joins them, so "
-            "trainer.devices must equal --ntasks-per-node and trainer.num_nodes must equal --nodes "
-            f"(this job: SLURM_NTASKS={env.get('SLURM_NTASKS')}, SLURM_NTASKS_PER_NODE={per_node}, "
-            f"SLURM_NNODES={nodes}). Either run with --trainer.devices {devices} --trainer.num_nodes {num_nodes}, "
-            "or make the batch script ask for what the config says: #SBATCH --nodes=<trainer.num_nodes> "
-            "--ntasks-per-node=<trainer.devices> --gpus-per-node=<trainer.devices>, and start it with "
-            "`srun resnet-lit fit ...`. `devices: auto` counts the GPUs each task can see, which is 1, not the "
-            "task count, when the job uses --gpus-per-task=1. To let Lightning start the processes itself "
-            "inside an allocation instead, run one task with SLURM_JOB_NAME=interactive."
+        return SLURM_HINT.format(
+            ntasks=env.get("SLURM_NTASKS"),
+            ntasks_per_node=env.get("SLURM_NTASKS_PER_NODE", "unset"),
+            nnodes=env.get("SLURM_NNODES", "unset"),
+            devices=_or_placeholder(launch.per_node, "<tasks per node>"),
+            num_nodes=_or_placeholder(launch.nodes, "<nodes>"),
         )
     if launch.launcher == "torchrun":
-        per_node = launch.per_node if launch.per_node is not None else "<nproc_per_node>"
-        nodes = launch.nodes if launch.nodes is not None else "<nnodes>"
-        return (
-            "resnet-lit hint: torchrun starts the processes and Lightning only joins them, so trainer.devices "
-            "must equal torchrun's --nproc_per_node and trainer.num_nodes its --nnodes "
-            f"(this launch: WORLD_SIZE={env.get('WORLD_SIZE')}, LOCAL_WORLD_SIZE={env.get('LOCAL_WORLD_SIZE')}). "
-            f"Run with --trainer.devices {per_node} --trainer.num_nodes {nodes} --trainer.strategy ddp. "
-            "On CPU `devices: auto` means 1 process, so set it explicitly there."
+        return TORCHRUN_HINT.format(
+            world_size=env.get("WORLD_SIZE"),
+            local_world_size=env.get("LOCAL_WORLD_SIZE"),
+            devices=_or_placeholder(launch.per_node, "<nproc_per_node>"),
+            num_nodes=_or_placeholder(launch.nodes, "<nnodes>"),
         )
     return ""
+
+
+def _or_placeholder(value: int | None, placeholder: str) -> int | str:
+    return placeholder if value is None else value
 
 
 def describe_launch(launch: Launch, trainer: L.Trainer, environ: Mapping[str, str] | None = None) -> str:
@@ -119,9 +126,11 @@ def check_launch(trainer: L.Trainer, environ: Mapping[str, str] | None = None) -
     """Fail fast, with a hint, when an external launcher started a different number of processes than
     ``trainer.devices x trainer.num_nodes``; log the launch on rank 0 when there is more than one process.
 
+    External launchers (``torchrun``, ``srun``) start every process themselves and Lightning only joins them.
     Runs Lightning's own check of the launcher's variables (otherwise only done when the run starts), then the
     total, which Lightning does not check for a single-device Trainer: under ``srun -n 2`` such a Trainer would
-    train two independent copies into the same folder.
+    train two independent copies into the same folder. The error says which YAML keys and launcher options
+    to change.
     """
     env = os.environ if environ is None else environ
     launch = detect_launch(env)

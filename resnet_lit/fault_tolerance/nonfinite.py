@@ -1,94 +1,131 @@
-"""Non-finite loss policy of `ResNetClassifier` (`model.nonfinite_loss: stop | skip`).
+"""The non-finite loss policy (`model.nonfinite_loss: stop | skip`) as a Lightning callback.
 
-* ``stop`` (default): a NaN/inf loss ends training with :class:`NonFiniteLossError`, whose message names the
-  step and epoch of the first bad loss and the last checkpoint written before it. To keep the training loop
-  free of per-step host syncs, each step only records "was my loss finite" on the device; the record is
-  checked every ``trainer.log_every_n_steps`` steps (when the logger syncs anyway), at epoch ends, at the end
-  of training and before every checkpoint is written. So a bad step never reaches a checkpoint: the last one
-  written is from before it, and resuming from it with ``--ckpt_path last`` is safe.
-* ``skip``: the step is dropped on every rank, counted, logged as ``train/nonfinite_skipped`` and summarised
-  at the end of training; the count is kept in checkpoints. Dropping means: BatchNorm running statistics are
-  put back as they were before the forward; the training step returns a zero loss built from the parameters
-  alone (Lightning forbids returning None under DDP, and DDP needs every rank to run a backward), whose zero
-  gradients are then discarded before the optimizer step, so the optimizer (momentum, weight decay, Adam
-  moments) does not move. With gradient accumulation the whole accumulated step is dropped. The learning-rate
-  schedule still advances. Deciding before the optimizer step costs one host sync per step.
-
-Decisions are collective: the ranks all-reduce their "non-finite" flags, so all stop or skip together and DDP
-never waits for a rank that left.
-
-Gradient overflow under fp16 mixed precision is not a fault here: the loss is finite, the precision
-plugin's GradScaler skips that optimizer step and lowers its scale.
+A NaN/inf loss either ends training before any checkpoint holds the bad step ("stop"), or drops that step on
+every rank ("skip"). The callback reads the policy from the module's hyperparameters, so the module only
+declares the option. Gradient overflow under fp16 is no fault here: the loss is finite and the GradScaler
+skips that step itself.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 
 from resnet_lit.fault_tolerance.distributed import any_rank, max_over_ranks
 
 NonFinitePolicy = Literal["stop", "skip"]
+POLICIES: tuple[str, ...] = ("stop", "skip")
 
 
 class NonFiniteLossError(RuntimeError):
     """Training met a NaN or infinite loss under the ``stop`` policy. The message says where and how to go on."""
 
 
-class NonFiniteLossGuard:
-    """Checks the loss of every training step and applies the policy; used by `ResNetClassifier`."""
+class NonFiniteLossPolicy(Callback):
+    """Applies the LightningModule's ``nonfinite_loss`` hyperparameter ("stop" when absent) to every training loss.
 
-    def __init__(self, policy: NonFinitePolicy = "stop") -> None:
-        if policy not in ("stop", "skip"):
-            raise ValueError(f"nonfinite_loss must be 'stop' or 'skip', got {policy!r}")
-        self.policy = policy
+    ``stop``: each step records "was the loss finite" on the device, without a host sync; the records are
+    checked every ``log_every_n_steps`` steps, at epoch and training end and before every checkpoint is
+    written, and a bad one raises :class:`NonFiniteLossError` naming the step and the last good checkpoint.
+
+    ``skip``: the ranks agree on every loss (one host sync per step); a step that is non-finite anywhere is
+    dropped everywhere: BatchNorm statistics are put back, its gradients (with accumulation: the whole
+    accumulated step's) are discarded before the optimizer step, so the optimizer state does not move. The
+    count is logged as ``train/nonfinite_skipped`` and kept in checkpoints. The learning-rate schedule still
+    advances; under fp16 the GradScaler also sees the non-finite gradients and lowers its scale.
+    """
+
+    def __init__(self) -> None:
+        self.policy: NonFinitePolicy = "stop"
         self.skipped = 0
+        self.last_saved_step: int | None = None  # global step of the last checkpoint written (or resumed from)
+        self._batch_idx = 0
+        self._drop_step = False
+        self._restore_buffers = False
         self._buffers: list[Tensor] = []
         self._snapshot: list[Tensor] = []
-        self._drop_next_step = False
         self._flags: list[Tensor] = []  # "stop": one device flag per step since the last check
         self._where: list[tuple[int, int, int]] = []  # ... and its (step, epoch, batch)
 
-    def before_forward(self, net: nn.Module) -> None:
-        """Under ``skip``, remember the buffers (BatchNorm statistics) that the forward pass updates."""
-        if self.policy != "skip":
-            return
-        buffers = [b for b in net.buffers() if b is not None]
-        if len(buffers) != len(self._buffers) or any(a is not b for a, b in zip(buffers, self._buffers, strict=True)):
-            self._buffers = buffers
-            self._snapshot = [b.detach().clone() for b in buffers]
-        elif buffers:
-            with torch.no_grad():
-                torch._foreach_copy_(self._snapshot, buffers)
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        policy = pl_module.hparams.get("nonfinite_loss", "stop")
+        if policy not in POLICIES:
+            raise ValueError(f"nonfinite_loss must be 'stop' or 'skip', got {policy!r}")
+        self.policy = policy
 
-    def after_loss(self, trainer: pl.Trainer, loss: Tensor, batch_idx: int) -> bool:
-        """True when this step must be dropped (``skip``; collective, syncs). Under ``stop`` only records."""
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_idx = batch_idx
+        if self.policy == "skip":
+            self._remember_buffers(pl_module)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         bad = ~torch.isfinite(loss.detach()).all()
         if self.policy == "stop":
             self._flags.append(bad)
-            self._where.append((trainer.global_step, trainer.current_epoch, batch_idx))
-            return False
-        if not any_rank(trainer, bad):
-            return False
-        if self._buffers:
+            self._where.append((trainer.global_step, trainer.current_epoch, self._batch_idx))
+        elif any_rank(trainer, bad):  # collective: every rank drops the step, or none
+            self._skip(trainer, loss)
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._restore_buffers:  # not before: the backward pass of BatchNorm reads the buffers it saved
             with torch.no_grad():
                 torch._foreach_copy_(self._buffers, self._snapshot)
-        self.skipped += 1
-        step, epoch = trainer.global_step, trainer.current_epoch
-        rank_zero_warn(
-            f"resnet-lit: skipped training step {step} (epoch {epoch}, batch {batch_idx}): non-finite loss "
-            f"({_describe(loss)}); {self.skipped} skipped so far"
-        )
-        return True
+            self._restore_buffers = False
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._drop_step:  # parameters without gradients are left alone by every torch optimizer
+            optimizer.zero_grad(set_to_none=True)
+            self._drop_step = False
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.policy == "skip":
+            pl_module.log("train/nonfinite_skipped", float(self.skipped), on_step=True, on_epoch=False)
+        elif trainer.global_step % max(1, trainer.log_every_n_steps) == 0:  # the logger syncs at these steps anyway
+            self.check(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.check(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.check(trainer)
+        if self.skipped:
+            rank_zero_info(
+                f"resnet-lit: {self.skipped} training step(s) were skipped because of a non-finite loss "
+                "(model.nonfinite_loss: skip); logged as train/nonfinite_skipped"
+            )
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self.check(trainer)  # never write a checkpoint after a non-finite loss
+        self.last_saved_step = trainer.global_step
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self.last_saved_step = checkpoint.get("global_step")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.skipped = int(state_dict.get("skipped", 0))
 
     def check(self, trainer: pl.Trainer) -> None:
         """``stop``: raise :class:`NonFiniteLossError` if any rank recorded a non-finite loss since the last
-        check. Collective: call it at the same step on all ranks."""
+        check. Collective: every rank calls it at the same step."""
         if self.policy != "stop" or not self._flags:
             return
         flags, where = torch.stack(self._flags), self._where
@@ -101,40 +138,39 @@ class NonFiniteLossGuard:
         local = "non-finite on this rank" if first == local_first else "non-finite on another rank"
         raise NonFiniteLossError(
             f"non-finite training loss at step {step} (epoch {epoch}, batch {batch}), {local}. "
-            f"Training stopped; {last_checkpoint(trainer)}. Fix the cause (learning rate, warmup, data) and "
+            f"Training stopped; {self._last_checkpoint(trainer)}. Fix the cause (learning rate, warmup, data) and "
             "resume with --ckpt_path last, or set model.nonfinite_loss: skip to skip such steps"
         )
 
-    def skip_loss(self, module: nn.Module) -> Tensor:
-        """The loss to return for a skipped step: zero, through every trainable parameter and nothing else."""
-        self._drop_next_step = True
-        params = [p for p in module.parameters() if p.requires_grad]
-        return torch.stack([p.sum() for p in params]).sum() * 0.0
+    def _remember_buffers(self, pl_module: pl.LightningModule) -> None:
+        """Copy the buffers (BatchNorm statistics) that the forward pass is about to update."""
+        buffers = list(pl_module.buffers())
+        if len(buffers) != len(self._buffers) or any(a is not b for a, b in zip(buffers, self._buffers, strict=True)):
+            self._buffers = buffers
+            self._snapshot = [b.detach().clone() for b in buffers]
+        elif buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(self._snapshot, buffers)
 
-    def before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Call from `on_before_optimizer_step`: without gradients the optimizer leaves every parameter alone."""
-        if self._drop_next_step:
-            optimizer.zero_grad(set_to_none=True)
-            self._drop_next_step = False
+    def _skip(self, trainer: pl.Trainer, loss: Tensor) -> None:
+        self._restore_buffers = bool(self._buffers)
+        self._drop_step = True
+        self.skipped += 1
+        rank_zero_warn(
+            f"resnet-lit: skipped training step {trainer.global_step} (epoch {trainer.current_epoch}, batch "
+            f"{self._batch_idx}): non-finite loss ({_describe(loss)}); {self.skipped} skipped so far"
+        )
 
-    def summarize(self) -> None:
-        if self.skipped:
-            rank_zero_info(
-                f"resnet-lit: {self.skipped} training step(s) were skipped because of a non-finite loss "
-                "(model.nonfinite_loss: skip); logged as train/nonfinite_skipped"
-            )
+    def _last_checkpoint(self, trainer: pl.Trainer) -> str:
+        """'last good checkpoint: <path> (step N)', or a note that none was written."""
+        for callback in trainer.checkpoint_callbacks:
+            path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+            if path:
+                step = "" if self.last_saved_step is None else f" (step {self.last_saved_step})"
+                return f"last good checkpoint: {path}{step}"
+        return "no checkpoint was written before it"
 
 
 def _describe(loss: Tensor) -> str:
     value = loss.detach().float().item()
     return f"{value}" if not math.isfinite(value) else f"finite here ({value:.4g}), non-finite on another rank"
-
-
-def last_checkpoint(trainer: pl.Trainer) -> str:
-    """'last good checkpoint: <path> (step N)', or a note that none was written."""
-    for callback in trainer.checkpoint_callbacks:
-        path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
-        if path:
-            step = getattr(callback, "_last_global_step_saved", 0)
-            return f"last good checkpoint: {path}" + (f" (step {step})" if step else "")
-    return "no checkpoint was written before it"

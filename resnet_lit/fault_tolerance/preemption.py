@@ -11,10 +11,12 @@ from types import FrameType
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from resnet_lit.fault_tolerance.checkpointing import ResumableCheckpoint, checkpoint_metrics, in_gradient_accumulation
+from resnet_lit.fault_tolerance.cluster import detect_launch
 from resnet_lit.fault_tolerance.distributed import host_group, host_max
 
 _REQUEUE_RANK = 1000
@@ -44,20 +46,20 @@ class PreemptionHandler(Callback):
     def __init__(self) -> None:
         self._signum = 0
         self._forwarded = False
-        self._trainer: pl.Trainer | None = None
+        self._launcher: Any = None  # the strategy's launcher, when Lightning started the processes itself
         self._requeue_signum: int | None = None
         self._group: Any = None
 
     # --- signals -----------------------------------------------------------------------------------------
     def _signals(self, trainer: pl.Trainer) -> list[int]:
         signums = [signal.SIGTERM]
-        environment = trainer._accelerator_connector.cluster_environment
-        if isinstance(environment, SLURMEnvironment) and environment.auto_requeue and environment.requeue_signal:
-            signums.append(environment.requeue_signal)
+        requeue = self._requeue_signal(trainer)
+        if requeue:
+            signums.append(requeue)
         return signums
 
     def _requeue_signal(self, trainer: pl.Trainer) -> int | None:
-        environment = trainer._accelerator_connector.cluster_environment
+        environment = cluster_environment(trainer)
         if isinstance(environment, SLURMEnvironment) and environment.auto_requeue:
             return environment.requeue_signal
         return None
@@ -66,14 +68,12 @@ class PreemptionHandler(Callback):
         # Runs between two Python bytecodes of the main thread: only record, never save here.
         if not self._signum or signum == self._requeue_signum:
             self._signum = signum
-        trainer = self._trainer
-        launcher = trainer.strategy.launcher if trainer is not None else None
-        if launcher is not None and not self._forwarded:
+        if self._launcher is not None and not self._forwarded:
             self._forwarded = True
-            launcher.kill(signum)  # processes that Lightning started itself (ddp on one node) get it too
+            self._launcher.kill(signum)  # processes that Lightning started itself (ddp on one node) get it too
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._trainer = trainer
+        self._launcher = trainer.strategy.launcher
         self._requeue_signum = self._requeue_signal(trainer)
         self._group = host_group(trainer)  # CPU all-reduce: agreeing every step costs no GPU sync
         self._signum, self._forwarded = 0, False
@@ -89,8 +89,7 @@ class PreemptionHandler(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        epoch_loop = trainer.fit_loop.epoch_loop
-        if epoch_loop.batch_progress.is_last_batch or epoch_loop._should_accumulate():
+        if trainer.is_last_batch or in_gradient_accumulation(trainer, batch_idx):
             return  # act at the epoch end, or after the optimizer step that ends the gradient accumulation
         self._maybe_stop(trainer)
 
@@ -116,18 +115,28 @@ class PreemptionHandler(Callback):
         raise Preempted(128 + signum)
 
 
+def cluster_environment(trainer: pl.Trainer) -> ClusterEnvironment | None:
+    """The Trainer's cluster environment. A single-device strategy has none; in a SLURM job (one task) it is
+    Lightning's default `SLURMEnvironment` there, as in Lightning's own signal handling. (A ClusterEnvironment
+    plugin given to a single-device Trainer is not publicly reachable, so its requeue settings are not seen.)"""
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if environment is None and detect_launch().launcher == "slurm":
+        environment = SLURMEnvironment()
+    return environment
+
+
 def save_last_checkpoint(trainer: pl.Trainer) -> str:
     """Write `last.ckpt` for the current step through the run's checkpoint callback; collective."""
-    from resnet_lit.fault_tolerance.checkpointing import ResumableCheckpoint
-
     callbacks = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.save_last]
     for callback in callbacks:
         if isinstance(callback, ResumableCheckpoint):
             return callback.save_last_now(trainer)
     if callbacks:
         callback = callbacks[0]
-        callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
-        return callback.last_model_path
+        path = callback.format_checkpoint_name(checkpoint_metrics(trainer), callback.CHECKPOINT_NAME_LAST)
+        callback.last_model_path = path  # part of the callback state that the checkpoint holds
+        trainer.save_checkpoint(path, callback.save_weights_only)
+        return path
     folder = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else None
     path = os.path.join(folder or os.path.join(trainer.default_root_dir, "checkpoints"), "last.ckpt")
     trainer.save_checkpoint(path)

@@ -1,17 +1,6 @@
-"""`RankStateCheckpoint`: the per-rank state Lightning leaves out of checkpoints, for exact resumes.
+"""`RankStateCheckpoint`: every rank's random and running-metric states in each checkpoint, for exact resumes.
 
-Lightning checkpoints hold weights, optimizer, schedulers, loops and callback states, but not the random
-number generators, and only rank 0's copy of anything. A resumed run then draws different dropout /
-drop-path masks and mixup coefficients than the uninterrupted run would have. This callback stores, for
-every rank, the torch CPU and CUDA, numpy and python RNG states plus the running states of the module's
-torchmetrics (e.g. the epoch's training accuracy, which each rank accumulates over its own batches), and
-puts them back when the run resumes.
-
-Timing matters for exactness. The states are captured when the checkpoint is written and restored right
-before the first training batch (or epoch start) of the resumed run, not when the checkpoint is loaded:
-the resumed run does work the uninterrupted one did not (restoring, building dataloaders, sanity checks)
-and some of it draws random numbers. For the same reason the resnet-lit DataModules give their
-DataLoaders a private generator, so creating a DataLoader iterator draws nothing from the global torch RNG.
+Lightning checkpoints leave out the RNGs and hold only rank 0's copy of anything else.
 """
 
 from __future__ import annotations
@@ -32,7 +21,10 @@ CHECKPOINT_KEY = "resnet_lit_rank_states"
 
 
 def capture_rng_state() -> dict[str, Any]:
-    """This process's torch (CPU, current CUDA device), numpy and python RNG states, as weights-only-loadable data."""
+    """This process's torch (CPU, current CUDA device), numpy and python RNG states, as weights-only-loadable data.
+
+    Lightning's own collector is private and keeps numpy's state as an array, which `weights_only` loading refuses.
+    """
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     cuda = None
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -77,20 +69,23 @@ def capture_metric_states(pl_module: pl.LightningModule) -> dict[str, dict[str, 
         return value
 
     return {
-        name: {
-            "states": {attr: to_cpu(getattr(metric, attr)) for attr in metric._defaults},
-            "update_count": int(metric._update_count),
-        }
+        name: {"states": {attr: to_cpu(value) for attr, value in metric.metric_state.items()}}
         for name, metric in _metrics(pl_module).items()
     }
 
 
 def restore_metric_states(pl_module: pl.LightningModule, states: dict[str, dict[str, Any]]) -> None:
+    """Inverse of :func:`capture_metric_states`, onto the metrics' devices.
+
+    `reset()` first drops any cached result. The update count restarts at 0 (torchmetrics has no public
+    setter); it only weighs mean-reduced states, and the module's metrics sum theirs.
+    """
     metrics = _metrics(pl_module)
     for name, saved in states.items():
         metric = metrics.get(name)
         if metric is None:
             continue
+        metric.reset()
         device = metric.device
         for attr, value in saved["states"].items():
             if isinstance(value, torch.Tensor):
@@ -98,16 +93,21 @@ def restore_metric_states(pl_module: pl.LightningModule, states: dict[str, dict[
             elif isinstance(value, list):
                 value = [v.to(device) for v in value]
             setattr(metric, attr, value)
-        metric._update_count = saved["update_count"]
-        metric._computed = None
 
 
 class RankStateCheckpoint(Callback):
     """Saves every rank's RNG states and running metric states in each checkpoint; restores them on resume.
 
-    Added by the resnet-lit CLI to every run. Writing a checkpoint gathers the states of all ranks (Lightning
-    calls the checkpoint hooks on every rank). A run resumed on a different number of processes starts its
-    random streams afresh (with a warning): exact continuation needs the same world size.
+    Without them a resumed run draws other dropout / drop-path masks and mixup coefficients than the
+    uninterrupted run, and loses the epoch's partial training accuracy. Writing a checkpoint gathers the
+    states of all ranks (Lightning calls the checkpoint hooks on every rank). A run resumed on a different
+    number of processes starts its random streams afresh (with a warning): exact continuation needs the same
+    world size.
+
+    The states are restored right before the first training batch (or epoch start) of the resumed run, not
+    when the checkpoint is loaded: restoring, building dataloaders and sanity checks may draw random numbers
+    that the uninterrupted run never drew. (For the same reason the resnet-lit DataModules give their
+    DataLoaders a private generator.)
     """
 
     def __init__(self) -> None:
