@@ -8,6 +8,8 @@
 # torchrun starts the processes and Lightning joins them, so trainer.devices must equal --nproc_per_node
 # (on CPU `devices: auto` means 1). The per-process batch is the quickstart's 64 divided by NPROC, so the
 # global batch, and with it the recipe, stays the same. --standalone picks a free local rendezvous port.
+# Ctrl-C: torchrun passes the SIGINT on to both processes, which save runs/quickstart_torchrun/checkpoints/last.ckpt
+# at the next step and exit 130 (torchrun then reports the signal itself); add --ckpt_path last to continue.
 # On GPU nodes the same line with the r50 recipe is:
 #   torchrun --standalone --nproc_per_node 8 -m resnet_lit fit --config configs/r50.yaml --trainer.devices 8
 set -euo pipefail

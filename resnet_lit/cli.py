@@ -1,36 +1,27 @@
 """The `resnet-lit` entry point: dispatches the zoo commands, `benchmark` and the LightningCLI subcommands, and turns
-configuration errors into one line instead of a traceback."""
+every user-fixable error (`ResNetLitError`) into one line instead of a traceback."""
 
 from __future__ import annotations
 
 import itertools
 import os
 import pickle
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
 import torch
 import yaml
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from resnet_lit.cli_checkpoint import refused_pickle
 from resnet_lit.commands import ZOO_COMMANDS, run_zoo_command
-from resnet_lit.data.errors import CorruptImageError, DataConfigError
-from resnet_lit.fault_tolerance import ClusterConfigError, NonFiniteLossError
-from resnet_lit.fault_tolerance.checkpoint_io import CheckpointMismatchError
-from resnet_lit.models.errors import ModelConfigError
-from resnet_lit.registry import RegistryError
+from resnet_lit.errors import ResNetLitError
 from resnet_lit.training_cli import ResNetLitCLI
 
 __all__ = ["ResNetLitCLI", "main"]
 
-# Errors in what the user configured: reported as `resnet-lit: error: <message>`, exit status 1.
-CONFIG_ERRORS: tuple[type[Exception], ...] = (
-    RegistryError,
-    ModelConfigError,
-    DataConfigError,
-    ClusterConfigError,
-    NonFiniteLossError,
-    CheckpointMismatchError,
-)
+CONFIG_FLAGS = ("--config", "-c")
 
 
 def main(args: Sequence[str] | None = None) -> None:
@@ -47,53 +38,83 @@ def main(args: Sequence[str] | None = None) -> None:
     _check_yaml_files(argv)
     try:
         _run_cli(argv if args is not None else None)
-    except CorruptImageError as err:
-        raise SystemExit(f"resnet-lit: error: {_original_message(err)}") from None
+    except SIGTERMException:  # Lightning's, for a SIGTERM before resnet-lit's handler took over
+        print("resnet-lit: stopped by SIGTERM; nothing saved", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
+    except KeyboardInterrupt:  # Ctrl-C outside a Trainer run: while parsing, building the model, reading data
+        print("resnet-lit: stopped by SIGINT; nothing saved", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SystemExit(
-            f"resnet-lit: error: refusing to load a checkpoint that needs arbitrary unpickling ({first})"
-        ) from None
+        message = f"refusing to load a checkpoint that needs arbitrary unpickling: it {refused_pickle(err)}"
+        raise SystemExit(f"resnet-lit: error: {message}") from None
     except Exception as err:
-        config_error = _config_error(err)
-        if config_error is None:
+        user_error = _user_error(err)
+        if user_error is None:
             raise
-        raise SystemExit(f"resnet-lit: error: {config_error}") from None
+        raise SystemExit(f"resnet-lit: error: {_original_message(user_error)}") from None
 
 
 def _exit_with(command: str, run: Callable[[], int]) -> None:
     """Run a zoo command (`run` returns its exit status); a bad name or value becomes one error line."""
     try:
         code = run()
-    except (RegistryError, ValueError) as err:
+    except (ResNetLitError, ValueError) as err:
         raise SystemExit(f"resnet-lit {command}: error: {err}") from None
     if code:
         raise SystemExit(code)
 
 
-def _config_error(err: BaseException) -> BaseException | None:
-    """`err`, or the error it wraps, if it is a configuration error; jsonargparse wraps the errors of classes
-    it instantiates as subclass types (e.g. `--data`) in a ValueError of its own."""
+def _user_error(err: BaseException) -> ResNetLitError | None:
+    """`err`, or an error it wraps, if it is a `ResNetLitError`. jsonargparse wraps the errors of the classes
+    it instantiates in errors of its own (`__cause__`), and code that handles an error may raise another
+    while doing so (`__context__`)."""
     seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        if isinstance(current, CONFIG_ERRORS):
+    pending: list[BaseException] = [err]
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        if isinstance(current, ResNetLitError):
             return current
         seen.add(id(current))
-        current = current.__cause__
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
     return None
 
 
 def _check_yaml_files(argv: list[str]) -> None:
-    """Fail fast, naming the file, on a `--config` that is not valid YAML (jsonargparse hides the name)."""
-    for flag, path in itertools.pairwise(argv):
-        if flag not in ("--config", "-c") or not os.path.isfile(path):
+    """Fail fast, naming the file, on a `--config` that is not valid YAML or holds no mapping of keys
+    (jsonargparse names neither the file nor, for `--config=FILE`, anything but `<unicode string>`)."""
+    for path in _config_paths(argv):
+        if not os.path.isfile(path):
             continue
         try:
             with open(path) as f:
-                yaml.safe_load(f)
+                content = yaml.safe_load(f)
         except yaml.YAMLError as err:
-            raise SystemExit(f"resnet-lit: error: {path} is not valid YAML: {err}") from None
+            raise SystemExit(f"resnet-lit: error: {path} is not valid YAML: {_yaml_problem(err)}") from None
+        if content is None:
+            raise SystemExit(f"resnet-lit: error: config file {path} is empty")
+        if not isinstance(content, dict):
+            raise SystemExit(
+                f"resnet-lit: error: config file {path} holds a {type(content).__name__}, not a mapping of keys "
+                "(e.g. `trainer:`, `model:`, `data:`)"
+            )
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """The YAML error in one line, with its position."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(err).split())
+
+
+def _config_paths(argv: list[str]) -> list[str]:
+    """The files of `--config FILE`, `--config=FILE`, `-c FILE` and `-c=FILE`."""
+    paths = [path for flag, path in itertools.pairwise(argv) if flag in CONFIG_FLAGS]
+    paths += [arg.split("=", 1)[1] for arg in argv if arg.startswith(tuple(f"{flag}=" for flag in CONFIG_FLAGS))]
+    return paths
 
 
 def _run_cli(args: list[str] | None) -> None:

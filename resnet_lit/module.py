@@ -7,6 +7,7 @@ Shaped like torchgeo's `ClassificationTask`: `configure_*` methods build the net
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import lightning as L
@@ -14,12 +15,14 @@ import torch
 import torch.nn.functional as F
 from jsonargparse.typing import NonNegativeFloat, PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
+from resnet_lit.errors import ResNetLitError
 from resnet_lit.fault_tolerance.checkpoint_io import (
     CheckpointMismatchError,
     check_checkpoint_fits,
@@ -27,7 +30,10 @@ from resnet_lit.fault_tolerance.checkpoint_io import (
 )
 from resnet_lit.fault_tolerance.nonfinite import NonFinitePolicy
 from resnet_lit.models import NetworkConfig, create_model
-from resnet_lit.optim import param_groups, scale_learning_rate
+from resnet_lit.optim import param_groups, rescale_restored_lr, restored_base_lrs, scale_learning_rate
+
+# Checkpoint entry: the optimizer's learning rate per parameter group as configured, before batch scaling.
+CONFIGURED_LR_KEY = "resnet_lit_configured_lr"
 
 
 def _default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -99,6 +105,9 @@ class ResNetClassifier(L.LightningModule):
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.progress_bar_interval = 1  # steps between progress-bar loss copies; the Trainer's log_every_n_steps
+        self.configured_lrs: list[float] | None = None  # the optimizer's lr per group, set by configure_optimizers
+        self._scaled_lrs: list[float] = []
+        self._restored_lrs: list[float] | None = None  # the checkpoint's configured lr, while resuming a fit
         self.configure_network(init_from, reinit_head)
         self.configure_batch_mixer()
         self.configure_metrics()
@@ -145,6 +154,7 @@ class ResNetClassifier(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.progress_bar_interval = max(1, self.trainer.log_every_n_steps)
+        self._restored_lrs = None
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images.contiguous(memory_format=self.memory_format))
@@ -197,24 +207,45 @@ class ResNetClassifier(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self.strict_loading and _attached_to_a_trainer(self):  # CLI --ckpt_path, not load_from_checkpoint
+        if not _attached_to_a_trainer(self):  # load_from_checkpoint
+            return
+        if self.strict_loading:  # CLI --ckpt_path
             check_checkpoint_fits(self, checkpoint)  # lists mismatched keys and shapes, not torch's wall of text
+        if self.trainer.state.fn == TrainerFn.FITTING:  # a resume: compared with the configured lr at train start
+            self._restored_lrs = [float(lr) for lr in checkpoint.get(CONFIGURED_LR_KEY, [])]
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(param_groups(self.net, self.hparams.no_weight_decay_on_norm_and_bias))
+        self.configured_lrs = [float(group["lr"]) for group in optimizer.param_groups]  # before batch scaling
         self._scale_learning_rate(optimizer)
+        self._scaled_lrs = [float(group["lr"]) for group in optimizer.param_groups]
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
-        if hasattr(scheduler, "set_total_steps"):
-            steps = self.trainer.estimated_stepping_batches
-            if self.hparams.scheduler_interval == "epoch":
-                steps = self.trainer.max_epochs
-            scheduler.set_total_steps(int(steps))
+        if hasattr(scheduler, "set_total_steps") and getattr(scheduler, "total_steps", None) is None:
+            scheduler.set_total_steps(schedule_length(self.trainer, self.hparams.scheduler_interval))
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval},
         }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.configured_lrs is not None:
+            checkpoint[CONFIGURED_LR_KEY] = list(self.configured_lrs)
+
+    def on_train_start(self) -> None:
+        """A resumed run whose configured lr differs from the checkpoint's continues its schedule at the new lr."""
+        restored, self._restored_lrs = self._restored_lrs, None
+        if restored is None:
+            return
+        # The configured lr is compared before batch scaling, so a resume on another number of processes keeps
+        # the checkpoint's lr; a checkpoint from before this key existed is compared after scaling.
+        configured = self.configured_lrs if restored else self._scaled_lrs
+        schedulers = [config.scheduler for config in self.trainer.lr_scheduler_configs]
+        old = restored or restored_base_lrs(self.trainer.optimizers[0], schedulers)
+        message = rescale_restored_lr(self.trainer.optimizers[0], schedulers, old, configured)
+        if message:
+            rank_zero_info(message)
 
     def _scale_learning_rate(self, optimizer: torch.optim.Optimizer) -> None:
         reference = self.hparams.lr_reference_batch
@@ -227,6 +258,38 @@ class ResNetClassifier(L.LightningModule):
             f"resnet-lit: learning rate scaled by global batch {global_batch} / {reference} = {factor:g} "
             f"(lr now {[g['lr'] for g in optimizer.param_groups]}); set model.lr_reference_batch: null to disable"
         )
+
+
+def schedule_length(trainer: L.Trainer, interval: str) -> int:
+    """The run length in scheduler steps: optimizer steps, or epochs for `scheduler_interval: epoch`, as the
+    shorter of `trainer.max_epochs` and `trainer.max_steps` (converted to epochs); -1 means "not set"."""
+    max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
+    if (max_epochs is None or max_epochs < 0) and max_steps < 0:
+        raise ResNetLitError(
+            f"model.lr_scheduler needs the run length, but trainer.max_epochs ({max_epochs}) and trainer.max_steps "
+            f"({max_steps}) are both unlimited: set one of them"
+        )
+    if interval == "step":
+        steps = trainer.estimated_stepping_batches
+        if math.isinf(steps) or steps < 0:
+            raise ResNetLitError(
+                f"model.lr_scheduler needs the run length: the training data has no length, so set "
+                f"trainer.max_steps (now {max_steps})"
+            )
+        return int(steps)
+    if max_steps < 0:
+        return int(max_epochs)
+    if trainer.train_dataloader is None:
+        trainer.fit_loop.setup_data()  # as estimated_stepping_batches does, to count the batches of an epoch
+    batches = trainer.num_training_batches
+    if math.isinf(batches):
+        raise ResNetLitError(
+            f"model.scheduler_interval: epoch needs epochs of known length to convert trainer.max_steps "
+            f"({max_steps}) into epochs; set trainer.max_epochs, or use scheduler_interval: step"
+        )
+    steps_per_epoch = max(1, math.ceil(batches / trainer.accumulate_grad_batches))
+    epochs = math.ceil(max_steps / steps_per_epoch)
+    return epochs if max_epochs is None or max_epochs < 0 else min(int(max_epochs), epochs)
 
 
 def plain_data(value: Any) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from torch import nn
 from torch.optim import Optimizer
@@ -35,6 +36,48 @@ def scale_learning_rate(optimizer: Optimizer, factor: float) -> None:
         group["lr"] *= factor
         if "initial_lr" in group:
             group["initial_lr"] *= factor
+
+
+def restored_base_lrs(optimizer: Optimizer, schedulers: list[Any]) -> list[float]:
+    """The base learning rate per group of a restored optimizer: its scheduler's, else the group's initial lr."""
+    for scheduler in schedulers:
+        base_lrs = getattr(scheduler, "base_lrs", None)
+        if base_lrs is not None and len(base_lrs) == len(optimizer.param_groups):
+            return [float(lr) for lr in base_lrs]
+    return [float(group.get("initial_lr", group["lr"])) for group in optimizer.param_groups]
+
+
+def rescale_restored_lr(
+    optimizer: Optimizer, schedulers: list[Any], restored: list[float], configured: list[float]
+) -> str | None:
+    """Continue a restored schedule at a newly configured learning rate: scale each group's lr, `initial_lr`
+    and the schedulers' `base_lrs` by configured / restored. Returns the line to log, or None when unchanged
+    (then nothing is touched, so an unchanged config resumes bit for bit)."""
+    if len(restored) != len(optimizer.param_groups) or len(configured) != len(restored):
+        return None
+    factors = [new / old if old and not math.isclose(new, old, rel_tol=1e-9) else 1.0
+               for new, old in zip(configured, restored, strict=True)]  # fmt: skip
+    if all(factor == 1.0 for factor in factors):
+        return None
+    for index, (group, factor) in enumerate(zip(optimizer.param_groups, factors, strict=True)):
+        group["lr"] *= factor
+        if "initial_lr" in group:
+            group["initial_lr"] *= factor
+        for scheduler in schedulers:
+            for name in ("base_lrs", "_last_lr"):  # _last_lr: what get_last_lr() reports until the next step
+                values = getattr(scheduler, name, None)
+                if isinstance(values, list) and len(values) == len(factors):
+                    values[index] *= factor
+    return (
+        f"resnet-lit: the configured learning rate {_format(configured)} differs from the checkpoint's "
+        f"{_format(restored)}: the restored schedule continues scaled by {_format(factors)} "
+        f"(lr now {_format([group['lr'] for group in optimizer.param_groups])})"
+    )
+
+
+def _format(values: list[float]) -> str:
+    distinct = list(dict.fromkeys(values))
+    return f"{distinct[0]:g}" if len(distinct) == 1 else "[" + ", ".join(f"{v:g}" for v in values) + "]"
 
 
 class WarmupCosineLR(LambdaLR):
@@ -72,9 +115,20 @@ class WarmupCosineLR(LambdaLR):
         super().__init__(optimizer, self._factor)
 
     def set_total_steps(self, total_steps: int) -> None:
-        """Fix the schedule length once the run length is known (no-op when given explicitly)."""
-        if self.total_steps is None:
-            self.total_steps = int(total_steps)
+        """Fix the schedule length once the run length is known (no-op when given explicitly).
+
+        A fractional warmup only gets its length here, after the constructor already set the first learning
+        rate: it is recomputed, so that the first optimizer step runs at `warmup_start_factor` x lr.
+        """
+        if self.total_steps is not None:
+            return
+        if total_steps < 0:
+            raise ValueError(f"WarmupCosineLR: total_steps must not be negative, got {total_steps}")
+        self.total_steps = int(total_steps)
+        lrs = [base_lr * self._factor(self.last_epoch) for base_lr in self.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
+        self._last_lr = list(lrs)
 
     def _warmup_length(self) -> int:
         if self.warmup_steps < 1 and self.total_steps is not None:

@@ -14,13 +14,15 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Generic, TypeVar
 
+from resnet_lit.errors import ResNetLitError
+
 T = TypeVar("T")
 
 BUILTIN = "built-in"
 USER = "user"
 
 
-class RegistryError(ValueError):
+class RegistryError(ResNetLitError, ValueError):
     """An unknown or conflicting registry name."""
 
 

@@ -3,7 +3,9 @@ fault-tolerance pieces as Trainer defaults. The benchmarks build their `fit` run
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -11,10 +13,14 @@ from typing import Any
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
 
 from resnet_lit.callbacks import PredictionCSVWriter
+from resnet_lit.cli_checkpoint import checkpoint_file, saved_hyperparameters, unset_hyperparameters, warn_unsafe_load
+from resnet_lit.cli_parser import ResNetLitArgumentParser
 from resnet_lit.data import ImageDataModule
 from resnet_lit.fault_tolerance import (
     ResumableCheckpoint,
@@ -24,6 +30,7 @@ from resnet_lit.fault_tolerance import (
     with_atomic_checkpoint_io,
 )
 from resnet_lit.fault_tolerance.install import ATOMIC_CHECKPOINT_IO
+from resnet_lit.models import ResidualBlock
 from resnet_lit.module import ResNetClassifier
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -34,8 +41,12 @@ class ResNetLitCLI(LightningCLI):
     fault-tolerance callbacks and atomic checkpoint writes as `trainer_defaults` (a configured callback of the
     same class, or a configured CheckpointIO plugin, takes their place).
 
+    With `--ckpt_path`, a model option is taken from (lowest first) its default, the checkpoint's saved
+    hyperparameters, the config files, the command line.
+
     Layout of a run, for `trainer.default_root_dir: D`:
-        D/config.yaml              the resolved config (rewritten by a resumed run)
+        D/config.yaml              the resolved config, written once the run has started (rewritten by a
+                                   resumed run, untouched by one that fails before it starts)
         D/metrics.csv              CSVLogger output (appended by a resumed run)
         D/checkpoints/last.ckpt    always the newest state; `--ckpt_path last` resumes from it
     """
@@ -45,6 +56,7 @@ class ResNetLitCLI(LightningCLI):
             model_class=ResNetClassifier,
             datamodule_class=ImageDataModule,
             subclass_mode_data=True,
+            save_config_callback=SaveConfigOnStart,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={
                 "use_distributed_sampler": False,
@@ -53,11 +65,49 @@ class ResNetLitCLI(LightningCLI):
             },
             seed_everything_default=0,
             parser_kwargs={"prog": "resnet-lit"},
+            parser_class=ResNetLitArgumentParser,
             auto_configure_optimizers=False,
             args=list(args) if args is not None else None,
             run=run,
             **kwargs,
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        self._args = args  # parsed again, without defaults, to tell what the user set (`_parse_ckpt_path`)
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Fill the model options nobody set from the `--ckpt_path` checkpoint (`last` included).
+
+        Replaces Lightning's private hook of the same name, which parses the saved hyperparameters over the
+        config files and the command line (tests/test_failures_cli.py pins that the hook still exists).
+        """
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        path = checkpoint_file(config.get("ckpt_path"), _checkpoint_dir(config))
+        if path is None:
+            return
+        weights_only = config.get("weights_only") is not False
+        if not weights_only:
+            warn_unsafe_load(path)
+        saved = saved_hyperparameters(path, weights_only)
+        explicit = self._explicit_config().get(f"{subcommand}.model") or Namespace()
+        fill = unset_hyperparameters(saved, config.model, explicit)
+        if not fill:
+            return
+        try:
+            self.config = self.parser.parse_object({subcommand: {"model": fill}}, self.config)
+        except SystemExit:  # the parser has printed the error; say where the value came from
+            print(f"resnet-lit: that value is a hyperparameter saved in {path}; set the key yourself", file=sys.stderr)
+            raise
+
+    def _explicit_config(self) -> Namespace:
+        """What the config files and the command line set, without defaults."""
+        if isinstance(self._args, dict | Namespace):
+            return self.parser.parse_object(self._args, defaults=False)
+        return self.parser.parse_args(self._args, defaults=False)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for key in ("num_classes", "in_channels", "class_names"):
@@ -78,8 +128,7 @@ class ResNetLitCLI(LightningCLI):
         config.trainer.default_root_dir = root
         if "weights_only" in config and config.weights_only is None:
             config.weights_only = True  # never unpickle arbitrary objects from a --ckpt_path file
-        if config.checkpoint.dirpath is None:
-            config.checkpoint.dirpath = os.path.join(root, CHECKPOINT_SUBDIR)
+        config.checkpoint.dirpath = _checkpoint_dir(config)
         if config.trainer.sync_batchnorm and not _runs_on_gpu(config.trainer.accelerator):
             rank_zero_warn(
                 "resnet-lit: trainer.sync_batchnorm needs CUDA devices (torch's SyncBatchNorm is GPU-only); "
@@ -99,6 +148,9 @@ class ResNetLitCLI(LightningCLI):
             )
         self.trainer_defaults["callbacks"] = fault_tolerance_callbacks(config.trainer.callbacks)
         config.trainer.plugins = with_atomic_checkpoint_io(config.trainer.plugins)
+
+    def after_instantiate_classes(self) -> None:
+        warn_if_images_vanish(self.datamodule, getattr(self.model, "net", None))
 
     def _resumes(self, config: Namespace) -> bool:
         """Whether this is a `fit` that restores a checkpoint (then metrics.csv is continued, not replaced)."""
@@ -124,6 +176,65 @@ class ResNetLitCLI(LightningCLI):
             if ckpt_path == "last":
                 warnings.filterwarnings("ignore", message=r'.*ckpt_path="last"\) is set, but there is no last')
             self.trainer.fit(model, ckpt_path=ckpt_path, **kwargs)
+
+
+class SaveConfigOnStart(SaveConfigCallback):
+    """Writes `config.yaml` once the run has really started (the checkpoint restored, the training, evaluation
+    or prediction loop begun), so that a run that fails before, e.g. a rejected resume, leaves the run's
+    config as it was. Lightning's callback writes it in `setup`, before the checkpoint is loaded."""
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        pass
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().setup(trainer, pl_module, "fit")
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.VALIDATING:  # not the validation inside `fit`
+            super().setup(trainer, pl_module, "validate")
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().setup(trainer, pl_module, "test")
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().setup(trainer, pl_module, "predict")
+
+
+def network_stride(net: nn.Module) -> int | None:
+    """How much a zoo network downsamples its input: the stem's stride times every block's; None if the
+    network has no recorded stem stride (a network from a custom factory)."""
+    stem_stride = getattr(getattr(net, "stem", None), "stride", None)
+    if not isinstance(stem_stride, int):
+        return None
+    return stem_stride * math.prod(m.stride for m in net.modules() if isinstance(m, ResidualBlock))
+
+
+def warn_if_images_vanish(datamodule: object, net: nn.Module | None) -> None:
+    """Warn when the data's images are smaller than the network's total stride: the last stages then see a
+    single pixel (padding keeps the shapes valid, so training runs, learning little)."""
+    side = _image_side(datamodule)
+    stride = network_stride(net) if net is not None else None
+    if side is not None and stride is not None and side < stride:
+        rank_zero_warn(
+            f"resnet-lit: the data's {side}x{side} images are smaller than the network's total stride {stride} "
+            f"(stem x stage strides), so the last stages see a single pixel; use larger images "
+            "(data.init_args.image_size) or smaller strides (model.net.strides, model.net.stem: cifar)"
+        )
+
+
+def _image_side(datamodule: object) -> int | None:
+    """The side of the images the network sees, where the DataModule's settings say it (None: unknown)."""
+    side = getattr(datamodule, "image_size", None)
+    if side is None:
+        side = getattr(getattr(datamodule, "pipeline", None), "crop_size", None)
+    return side if isinstance(side, int) else None
+
+
+def _checkpoint_dir(config: Namespace) -> str:
+    """`checkpoint.dirpath`, by default `<trainer.default_root_dir>/checkpoints`."""
+    if config.checkpoint.dirpath is not None:
+        return config.checkpoint.dirpath
+    return os.path.join(config.trainer.default_root_dir or os.getcwd(), CHECKPOINT_SUBDIR)
 
 
 def _runs_on_gpu(accelerator: object) -> bool:

@@ -165,14 +165,14 @@ def test_unknown_block_option_is_one_line_naming_the_block_and_its_options(
 
 
 def test_config_errors_wrapped_by_jsonargparse_are_unwrapped() -> None:
-    from resnet_lit.cli import _config_error
+    from resnet_lit.cli import _user_error
     from resnet_lit.models.errors import ModelConfigError
 
     cause = ModelConfigError("block 'se' has no option(s) x")
     wrapped = ValueError("Does not validate against any of the Union subtypes")  # what jsonargparse raises
     wrapped.__cause__ = cause
-    assert _config_error(wrapped) is cause
-    assert _config_error(ValueError("unrelated")) is None
+    assert _user_error(wrapped) is cause
+    assert _user_error(ValueError("unrelated")) is None
 
 
 def test_training_commands_do_not_import_the_benchmarks() -> None:

@@ -24,6 +24,7 @@ SHARED = {  # declared once, in ImageDataModule
     "mean": OPTIONAL_SEQUENCE,
     "std": OPTIONAL_SEQUENCE,
     "predict_dir": ("str | null", "null"),
+    "skip_corrupt": ("bool", "False"),
     "loader": ("Literal['dataloader', 'device']", "dataloader"),
 }
 TORCHVISION = {"data_dir": ("str", "data"), "download": ("bool", "False")}

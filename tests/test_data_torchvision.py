@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from fakedata import write_fake_cifar10, write_fake_mnist
-from resnet_lit.data import CIFAR10DataModule, CIFAR100DataModule, FashionMNISTDataModule, MNISTDataModule
+from resnet_lit.data import (
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    DataConfigError,
+    FashionMNISTDataModule,
+    MNISTDataModule,
+)
 
 PER_BATCH = 6  # images per CIFAR training batch file (5 files)
 NUM_TEST = 10
@@ -38,7 +44,7 @@ def test_cifar10_val_fraction_holds_out_train(tmp_path: Path, monkeypatch: pytes
 
 
 def test_missing_cifar_says_how_to_fix(tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match="download: true"):
+    with pytest.raises(DataConfigError, match="download: true"):
         CIFAR10DataModule(data_dir=str(tmp_path)).splits()
 
 

@@ -100,7 +100,7 @@ def test_nonfinite_decision_is_the_same_on_every_rank() -> None:
     assert not _drops_step(skip, net, _Ranks([False]), finite)
     assert _drops_step(skip, net, _Ranks([True]), finite)  # another rank's NaN: this rank skips too
     assert _drops_step(skip, net, _Ranks([False, False]), nan)
-    assert skip.skipped == 2 and skip.state_dict() == {"skipped": 2}
+    assert skip.skipped == 2 and skip.state_dict() == {"skipped": 2, "recent": [0, 1, 1]}
 
     stop = _policy("stop", net)
     ranks = _Ranks([False])

@@ -24,6 +24,7 @@ from resnet_lit.data import (
     ResumableTrainSampler,
     SyntheticDataModule,
 )
+from resnet_lit.data.backends import DataLoaderBackend, DeviceBackend
 from resnet_lit.data.loaders import DeviceEvalLoader, DeviceTrainLoader, IndexBatch
 from resnet_lit.data.seeds import sample_seed, sample_seeds
 
@@ -32,7 +33,10 @@ ATOL = 1e-5  # the device path fuses (x / 255 - mean) / std into one multiply-ad
 
 def device_batches(dm, loader) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """What Lightning does with a device-path batch: move it, then the DataModule's on_after_batch_transfer."""
-    return [dm.on_after_batch_transfer(move_data_to_device(b, torch.device("cpu")), 0) for b in loader]
+    assert isinstance(dm.backend, DeviceBackend)
+    index_batches = list(loader)
+    assert all(isinstance(b, IndexBatch) for b in index_batches)  # the device path, not a DataLoader
+    return [dm.on_after_batch_transfer(move_data_to_device(b, torch.device("cpu")), 0) for b in index_batches]
 
 
 def assert_same_batches(standard, device) -> None:
@@ -213,12 +217,13 @@ def test_real_cifar_jpegs_in_memory(tmp_path: Path) -> None:
 
 def _fit(tmp_path: Path, loader: str, epochs: int = 2) -> dict[str, float]:
     root = tmp_path / loader
-    ResNetLitCLI(args=[
+    cli = ResNetLitCLI(args=[
         "fit", "--config", str(Path(__file__).parents[1] / "configs" / "quickstart.yaml"),
         "--trainer.default_root_dir", str(root), "--trainer.max_epochs", str(epochs),
         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
         "--data.init_args.loader", loader,
     ])  # fmt: skip
+    assert type(cli.datamodule.backend) is {"dataloader": DataLoaderBackend, "device": DeviceBackend}[loader]
     with open(root / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     last = {}

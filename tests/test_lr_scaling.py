@@ -7,16 +7,22 @@ checkpoint instead of scaling again.
 
 from __future__ import annotations
 
+import math
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import Callback
 
 from resnet_lit.cli import main
+from resnet_lit.errors import ResNetLitError
 from resnet_lit.module import ResNetClassifier, global_batch_size
 from resnet_lit.optim import WarmupCosineLR
+from resnet_lit.training_cli import ResNetLitCLI
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -31,6 +37,7 @@ def fake_trainer(world_size: int, batch_size: int, accumulate: int) -> SimpleNam
         datamodule=SimpleNamespace(batch_size=batch_size),
         estimated_stepping_batches=100,
         max_epochs=10,
+        max_steps=-1,
     )
 
 
@@ -136,3 +143,87 @@ def test_resume_restores_the_scaled_lr_instead_of_scaling_twice(tmp_path: Path, 
     assert _lrs(tmp_path / "checkpoints" / "last.ckpt") == (pytest.approx([expected] * 2),
                                                              pytest.approx([expected] * 2))  # fmt: skip
     assert len(info) == 2 and all("= 0.125" in message for message in info)  # logged at each start
+
+
+def test_a_fractional_warmup_runs_the_first_step_at_the_start_factor(info: list[str]) -> None:
+    """quickstart.yaml and cifar10_resnet18.yaml: `warmup_steps: 0.05`, a fraction of the run length."""
+    module = ResNetClassifier(
+        arch="resnet20", optimizer=sgd(0.1), lr_scheduler=lambda opt: WarmupCosineLR(opt, warmup_steps=0.05)
+    )
+    module.trainer = fake_trainer(world_size=1, batch_size=64, accumulate=1)  # a run of 100 steps: warmup 5
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    used = []
+    for _ in range(6):
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert used == pytest.approx([0.1 * (0.01 + 0.99 * step / 5) for step in range(5)] + [0.1])
+    assert scheduler.get_last_lr() == pytest.approx([0.1 * math.cos(math.pi * 1 / 95) / 2 + 0.05])
+
+
+def _epoch_scheduled(max_epochs: int, max_steps: int) -> WarmupCosineLR:
+    module = ResNetClassifier(arch="resnet20", optimizer=sgd(0.1), lr_scheduler=WarmupCosineLR,
+                              scheduler_interval="epoch")  # fmt: skip
+    module.trainer = SimpleNamespace(max_epochs=max_epochs, max_steps=max_steps, train_dataloader=object(),
+                                     num_training_batches=19, accumulate_grad_batches=2,
+                                     estimated_stepping_batches=50)  # fmt: skip
+    return module.configure_optimizers()["lr_scheduler"]["scheduler"]
+
+
+def test_an_epoch_schedule_without_max_epochs_takes_its_length_from_max_steps() -> None:
+    assert _epoch_scheduled(max_epochs=-1, max_steps=50).total_steps == 5  # epochs of ceil(19 / 2) = 10 steps
+    assert _epoch_scheduled(max_epochs=3, max_steps=50).total_steps == 3  # the shorter of both
+    assert _epoch_scheduled(max_epochs=8, max_steps=-1).total_steps == 8
+    with pytest.raises(ResNetLitError, match=r"trainer.max_epochs \(-1\) and trainer.max_steps \(-1\)"):
+        _epoch_scheduled(max_epochs=-1, max_steps=-1)
+
+
+class LRRecorder(Callback):
+    """The learning rate of every optimizer step, by global step."""
+
+    def __init__(self) -> None:
+        self.lrs: dict[int, list[float]] = {}
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
+        self.lrs[trainer.global_step] = [group["lr"] for group in optimizer.param_groups]
+
+
+def _recorded_lrs(args: list[str]) -> dict[int, list[float]]:
+    cli = ResNetLitCLI(args=[*args, "--trainer.callbacks+=test_lr_scaling.LRRecorder"])
+    return next(cb for cb in cli.trainer.callbacks if isinstance(cb, LRRecorder)).lrs
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("reference", [None, 256], ids=["unscaled", "lr_reference_batch"])
+def test_resume_with_a_lower_lr_continues_the_schedule_at_that_lr(
+    tmp_path: Path, info: list[str], reference: int | None
+) -> None:
+    """What the non-finite loss message suggests: `--ckpt_path last --model.optimizer.init_args.lr <lower lr>`."""
+    args = ["fit", "--config", QUICKSTART, *QUIET, "--trainer.limit_val_batches", "0", "--trainer.max_steps", "6",
+            "--checkpoint.monitor", "null", "--checkpoint.every_n_train_steps", "3", "--checkpoint.save_top_k", "-1",
+            "--model.lr_scheduler.init_args.warmup_steps", "0.5", "--data.init_args.batch_size", "32"]  # fmt: skip
+    if reference:
+        args += ["--model.lr_reference_batch", str(reference)]
+    peak = 0.1 * (32 / reference if reference else 1)
+    uninterrupted = _recorded_lrs([*args, "--trainer.default_root_dir", str(tmp_path / "a")])
+    assert max(lr for lrs in uninterrupted.values() for lr in lrs) == pytest.approx(peak)
+
+    resumed_dir = tmp_path / "b" / "checkpoints"
+    resumed_dir.mkdir(parents=True)
+    shutil.copy(tmp_path / "a" / "checkpoints" / "epoch000-step3.ckpt", resumed_dir / "last.ckpt")
+    info.clear()
+    run = [*args, "--trainer.default_root_dir", str(tmp_path / "b"), "--ckpt_path", "last"]
+    resumed = _recorded_lrs([*run, "--model.optimizer.init_args.lr", "0.05"])
+    assert sorted(resumed) == [3, 4, 5]
+    for step, lrs in resumed.items():
+        assert lrs == pytest.approx([lr / 2 for lr in uninterrupted[step]], rel=1e-12)
+    said = [line for line in info if "differs from the checkpoint's" in line]
+    assert len(said) == 1 and "scaled by 0.5" in said[0], info
+
+    if reference is None:  # an unchanged config resumes bit for bit, with nothing said
+        shutil.copy(tmp_path / "a" / "checkpoints" / "epoch000-step3.ckpt", resumed_dir / "last.ckpt")
+        info.clear()
+        unchanged = _recorded_lrs(run)
+        assert unchanged == {step: uninterrupted[step] for step in (3, 4, 5)}
+        assert not info

@@ -69,13 +69,78 @@ def test_warmup_fraction_is_relative_to_the_run_length() -> None:
     assert state["total_steps"] == 200 and state["warmup_steps"] == 0.1
 
 
+def _mixed_training_step(
+    module: ResNetClassifier, images: torch.Tensor, targets: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One training step: its loss, and the images the network and the targets the loss were given."""
+    seen = {}
+    forward, cross_entropy = module.forward, F.cross_entropy
+
+    def network(x: torch.Tensor) -> torch.Tensor:
+        seen["images"] = x.detach().clone()
+        return forward(x)
+
+    def loss(logits: torch.Tensor, target: torch.Tensor, **kwargs) -> torch.Tensor:
+        seen["targets"] = target.detach().clone()
+        return cross_entropy(logits, target, **kwargs)
+
+    monkeypatch.setattr(module, "forward", network)
+    monkeypatch.setattr(F, "cross_entropy", loss)
+    return module.training_step((images, targets), 0), seen["images"], seen["targets"]
+
+
+def _mixup_weight(images: torch.Tensor, labels: torch.Tensor, mixed: torch.Tensor, soft: torch.Tensor) -> float | None:
+    """``lam`` if every image is ``lam * own + (1 - lam) * previous`` with the same soft target; else None."""
+    lam = soft[0, labels[0]].item()
+    expected = lam * F.one_hot(labels, 10) + (1 - lam) * F.one_hot(labels.roll(1, 0), 10)
+    if not torch.allclose(soft, expected.float(), atol=1e-6):
+        return None
+    return lam if torch.allclose(mixed, lam * images + (1 - lam) * images.roll(1, 0), atol=1e-5) else None
+
+
+def _cutmix_share(images: torch.Tensor, labels: torch.Tensor, mixed: torch.Tensor, soft: torch.Tensor) -> float | None:
+    """The share of pixels pasted from the previous image if they form one rectangle, the same for every image,
+    matching the soft target's weight of the previous label; else None."""
+    pasted = (mixed != images).any(dim=1)  # [B, H, W]
+    box = pasted[0]
+    rows, cols = box.any(dim=1), box.any(dim=0)
+    if not torch.equal(box, rows[:, None] & cols[None, :]) or not all(torch.equal(p, box) for p in pasted):
+        return None
+    if not torch.equal(mixed[:, :, box], images.roll(1, 0)[:, :, box]):
+        return None
+    share = box.float().mean().item()
+    expected = (1 - share) * F.one_hot(labels, 10) + share * F.one_hot(labels.roll(1, 0), 10)
+    return share if torch.allclose(soft, expected.float(), atol=1e-6) else None
+
+
 @pytest.mark.parametrize(("mixup", "cutmix"), [(0.2, 0.0), (0.0, 1.0), (0.2, 1.0)])
-def test_mixup_and_cutmix_train_with_soft_targets(mixup: float, cutmix: float) -> None:
+def test_mixup_and_cutmix_mix_images_and_train_on_soft_targets(
+    mixup: float, cutmix: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The network sees mixed images and the loss gets the soft targets of the same mix, for every recipe."""
     module = ResNetClassifier(arch="resnet20", num_classes=10, mixup_alpha=mixup, cutmix_alpha=cutmix)
-    images, targets = torch.randn(8, 3, 32, 32), torch.arange(8) % 10
-    loss = module.training_step((images, targets), 0)
-    assert loss.ndim == 0 and torch.isfinite(loss)
-    loss.backward()
+    images, labels = torch.randn(8, 3, 16, 16), torch.arange(8) % 10
+    kinds = set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        loss, mixed, soft = _mixed_training_step(module, images, labels, monkeypatch)
+        assert soft.shape == (8, 10) and soft.dtype == torch.float32
+        torch.testing.assert_close(soft.sum(dim=1), torch.ones(8))
+        assert not torch.equal(mixed, images) and (soft < 1).all()  # mixed images, soft targets
+        lam, share = _mixup_weight(images, labels, mixed, soft), _cutmix_share(images, labels, mixed, soft)
+        assert (lam is not None) != (share is not None), "neither (or both) a mixup nor a cutmix of the batch"
+        assert 0 < (lam if lam is not None else share) < 1
+        kinds.add("mixup" if lam is not None else "cutmix")
+        assert torch.isfinite(loss)
+        loss.backward()
+    assert kinds == {name for name, alpha in (("mixup", mixup), ("cutmix", cutmix)) if alpha > 0}
+
+
+def test_without_mixup_and_cutmix_the_batch_is_untouched(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = ResNetClassifier(arch="resnet20", num_classes=10)
+    images, labels = torch.randn(4, 3, 16, 16), torch.arange(4)
+    _, seen_images, seen_targets = _mixed_training_step(module, images, labels, monkeypatch)
+    assert torch.equal(seen_images, images) and torch.equal(seen_targets, labels)
 
 
 def test_label_smoothing_reaches_the_training_loss() -> None:
@@ -114,6 +179,12 @@ def test_predict_step_returns_topk_names_and_probabilities() -> None:
     assert out["classes"].shape == out["probs"].shape == (2, 3)
     assert torch.all(out["probs"][:, :-1] >= out["probs"][:, 1:])
     assert out["class_names"][0][0] == names[out["classes"][0, 0]]
+    images = torch.randn(2, 3, 32, 32)
+    out = module.predict_step((images, ["a.png", "b.png"]), 0)
+    expected_probs, expected_classes = module(images).softmax(dim=1).topk(3, dim=1)
+    assert torch.equal(out["classes"], expected_classes)  # the top-3 classes of the network, with their softmax
+    torch.testing.assert_close(out["probs"], expected_probs.detach())
+    assert out["class_names"] == [[names[i] for i in row] for row in expected_classes.tolist()]
 
 
 def test_network_config_overrides_reach_the_network() -> None:
@@ -150,7 +221,13 @@ def test_tensorboard_logger_when_configured(tmp_path: Path) -> None:
         args=["fit", "--config", QUICKSTART, "--trainer.default_root_dir", str(tmp_path),
               "--trainer.logger", "lightning.pytorch.loggers.TensorBoardLogger",
               "--trainer.logger.save_dir", str(tmp_path / "tb"),
-              "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", *QUIET],
+              "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
+              *QUIET],
     )  # fmt: skip
-    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (tmp_path / "tb").rglob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    assert {"train/loss", "train/acc"} <= set(accumulator.Tags()["scalars"])  # the metrics reach TensorBoard
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()

@@ -39,6 +39,7 @@ from resnet_lit.fault_tolerance import (
     PreemptionHandler,
     RankStateCheckpoint,
     ResumableCheckpoint,
+    RunFolderLock,
 )
 from resnet_lit.fault_tolerance.checkpoint_io import AtomicCheckpointIO
 from resnet_lit.fault_tolerance.checkpointing import in_gradient_accumulation
@@ -69,6 +70,7 @@ def test_fit_installs_the_fault_tolerance_pieces(tmp_path: Path) -> None:
     kinds = [type(cb) for cb in cli.trainer.callbacks]
     for kind in (RankStateCheckpoint, PreemptionHandler, CorruptImageReport, NonFiniteLossPolicy, ResumableCheckpoint):
         assert kinds.count(kind) == 1, kind
+    assert kinds.count(RunFolderLock) == 1
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
 
 

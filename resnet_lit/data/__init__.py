@@ -2,11 +2,12 @@
 
 from .backends import DataLoaderBackend, DeviceBackend, LoaderBackend
 from .base import ImageDataModule
-from .datasets import CorruptCounter, ImageFileDataset, PredictFolderDataset, SeededTransformDataset
+from .datasets import CorruptCounter, ImageFileDataset, SeededTransformDataset
 from .digits import DigitsDataModule
 from .errors import CorruptImageError, DataConfigError
 from .folder import ImageFolderDataModule
 from .loaders import ResumableLoader
+from .predict import PredictFolderDataset
 from .samplers import EvalShardSampler, ResumableTrainSampler
 from .splits import RawSplits
 from .synthetic import SyntheticDataModule

@@ -4,6 +4,7 @@ the same order and resume the same way; the DataModule only talks to the :class:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple, Protocol
@@ -80,11 +81,31 @@ def make_backend(kind: LoaderKind, settings: LoaderSettings, pipeline: ImagePipe
     return DeviceBackend(settings, pipeline)
 
 
-def eval_dataloader(dataset: Dataset, settings: LoaderSettings, place: Placement) -> SeededDataLoader:
+def train_drop_last(settings: LoaderSettings, samples: int, place: Placement) -> bool:
+    """``drop_last`` of a train loader over ``samples`` per process: also True where the last batch would hold
+    a single sample, which BatchNorm cannot normalise in training (the batch is dropped, with a warning)."""
+    if settings.drop_last or samples % settings.batch_size != 1:
+        return settings.drop_last
+    if place.rank == 0:
+        warnings.warn(
+            f"drop_last: false would leave a last training batch of 1 sample ({samples} samples per process in "
+            f"batches of {settings.batch_size}), which BatchNorm cannot train on: that batch is dropped every epoch",
+            stacklevel=3,
+        )
+    return True
+
+
+def eval_dataloader(
+    dataset: Dataset,
+    settings: LoaderSettings,
+    place: Placement,
+    loader_cls: type[SeededDataLoader] = SeededDataLoader,
+    **loader_args: Any,
+) -> SeededDataLoader:
     """An in-order DataLoader over this rank's shard of ``dataset`` (val, test and predict on the standard path)."""
     sampler = place.eval_sampler(len(dataset))  # type: ignore[arg-type]
-    return SeededDataLoader(
-        dataset, batch_size=settings.eval_batch_size, sampler=sampler, **_worker_args(settings, place)
+    return loader_cls(
+        dataset, batch_size=settings.eval_batch_size, sampler=sampler, **_worker_args(settings, place), **loader_args
     )
 
 
@@ -108,11 +129,12 @@ class DataLoaderBackend:
         """Nothing to prepare: samples are read when a batch is drawn."""
 
     def train_loader(self, splits: RawSplits, place: Placement) -> TrainDataLoader:
+        sampler = place.train_sampler(len(splits.train))  # type: ignore[arg-type]
         return TrainDataLoader(
             SeededTransformDataset(splits.train, self.pipeline.train()),
             batch_size=self.settings.batch_size,
-            sampler=place.train_sampler(len(splits.train)),  # type: ignore[arg-type]
-            drop_last=self.settings.drop_last,
+            sampler=sampler,
+            drop_last=train_drop_last(self.settings, len(sampler), place),
             **_worker_args(self.settings, place),
         )
 
@@ -149,7 +171,8 @@ class DeviceBackend:
     def train_loader(self, splits: RawSplits, place: Placement) -> DeviceTrainLoader:
         self.store(splits)
         sampler = place.train_sampler(len(splits.train))  # type: ignore[arg-type]
-        return DeviceTrainLoader(sampler, self.settings.batch_size, self.settings.drop_last, device=place.device)
+        drop_last = train_drop_last(self.settings, len(sampler), place)
+        return DeviceTrainLoader(sampler, self.settings.batch_size, drop_last, device=place.device)
 
     def eval_loader(self, splits: RawSplits, split: str, place: Placement) -> DeviceEvalLoader:
         self.store(splits)

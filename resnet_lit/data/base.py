@@ -9,10 +9,11 @@ from typing import Any
 
 import lightning as L
 
-from .backends import LoaderBackend, LoaderKind, LoaderSettings, Placement, eval_dataloader, make_backend
-from .datasets import CorruptCounter, PredictFolderDataset
-from .errors import DataConfigError
-from .loaders import ResumableLoader, SeededDataLoader
+from .backends import LoaderBackend, LoaderKind, LoaderSettings, Placement, make_backend
+from .datasets import CorruptCounter
+from .errors import DataConfigError, require_positive
+from .loaders import ResumableLoader
+from .predict import PredictDataLoader, PredictFolderDataset, predict_dataloader, warn_predict_skipped
 from .samplers import ResumableTrainSampler
 from .splits import RawSplits, hold_out_val
 from .transforms import Augment, ImagePipeline, TransformStyle
@@ -36,7 +37,8 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         pin_memory: Pin host memory (CUDA only).
         persistent_workers: Keep the workers between epochs.
-        drop_last: Drop the last incomplete training batch.
+        drop_last: Drop the last incomplete training batch. A last batch of one sample is dropped anyway (BatchNorm
+            cannot train on it), with a warning.
         val_fraction: Seeded share of train held out for validation where the dataset has no val split.
         seed: Seed of the val split, the shuffling and the per-sample augmentation.
         augment: Extra augmentation policy after the geometric one.
@@ -44,6 +46,9 @@ class ImageDataModule(L.LightningDataModule):
         mean: Per-channel normalisation mean (default: the dataset's).
         std: Per-channel normalisation std (default: the dataset's).
         predict_dir: Folder of images for ``predict``.
+        skip_corrupt: Go on past undecodable image files instead of failing: ``predict`` leaves them out of its
+            output and lists them at the end; image-file datasets replace them by the next decodable sample in
+            training and evaluation.
         loader: ``dataloader`` (per-sample transforms in workers) or ``device`` (the uint8 dataset on the training
             device, crop and flip per batch there; ``cifar``/``plain`` styles without ``augment``/``random_erasing``).
         transform_style: Transform pipeline, see :mod:`~resnet_lit.data.transforms`.
@@ -71,14 +76,18 @@ class ImageDataModule(L.LightningDataModule):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         predict_dir: str | None = None,
+        skip_corrupt: bool = False,
         loader: LoaderKind = "dataloader",
         transform_style: TransformStyle = "imagenet",
         crop_size: int | None = 224,
         resize_size: int | None = 256,
     ) -> None:
         super().__init__()
-        if batch_size <= 0 or (eval_batch_size is not None and eval_batch_size <= 0):
-            raise DataConfigError(f"batch sizes must be positive, got {batch_size} and {eval_batch_size}")
+        require_positive(
+            batch_size=batch_size, eval_batch_size=eval_batch_size, image_size=crop_size, resize_size=resize_size
+        )
+        if num_workers < 0:
+            raise DataConfigError(f"num_workers must be 0 or more, got {num_workers}")
         if not 0.0 <= random_erasing <= 1.0:
             raise DataConfigError(f"random_erasing is a probability in [0, 1], got {random_erasing}")
         if not 0.0 <= val_fraction < 1.0:
@@ -87,6 +96,7 @@ class ImageDataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.seed = seed
         self.predict_dir = predict_dir
+        self.skip_corrupt = skip_corrupt
         self.settings = LoaderSettings(
             batch_size, eval_batch_size or batch_size, num_workers, pin_memory, persistent_workers, drop_last
         )
@@ -105,6 +115,7 @@ class ImageDataModule(L.LightningDataModule):
         self._splits: RawSplits | None = None
         self._train_loader: ResumableLoader | None = None
         self._restored_position: dict[str, Any] | None = None  # from load_state_dict, for the next train loader
+        self._predict_dataset: PredictFolderDataset | None = None
 
     # --- what subclasses provide ---------------------------------------------------------------------
     @property
@@ -129,6 +140,11 @@ class ImageDataModule(L.LightningDataModule):
     def corrupt_skipped(self) -> int:
         """Corrupt images replaced so far by this process and its DataLoader workers (all splits)."""
         return self.corrupt_counter.value
+
+    @property
+    def predict_skipped(self) -> list[str]:
+        """The undecodable files of this process's ``predict`` shard left out so far (``skip_corrupt``)."""
+        return [] if self._predict_dataset is None else self._predict_dataset.skipped_paths()
 
     def splits(self) -> RawSplits:
         """The untransformed splits, loaded once; a missing val split is carved out of train here."""
@@ -166,11 +182,18 @@ class ImageDataModule(L.LightningDataModule):
             raise DataConfigError(f"{type(self).__name__} has no test split configured")
         return self.backend.eval_loader(self.splits(), "test", self._placement())
 
-    def predict_dataloader(self) -> SeededDataLoader:
+    def predict_dataloader(self) -> PredictDataLoader:
         if self.predict_dir is None:
             raise DataConfigError("set data.predict_dir to a folder of images to run predict")
-        dataset = PredictFolderDataset(self.predict_dir, self.pipeline.eval(), mode=self.image_mode)
-        return eval_dataloader(dataset, self.settings, self._placement())
+        dataset = PredictFolderDataset(
+            self.predict_dir, self.pipeline.eval(), mode=self.image_mode, skip_corrupt=self.skip_corrupt
+        )
+        self._predict_dataset = dataset
+        return predict_dataloader(dataset, self.settings, self._placement())
+
+    def teardown(self, stage: str) -> None:
+        if stage == "predict" and self.predict_skipped:
+            warn_predict_skipped(self.predict_skipped)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         return self.backend.on_after_batch_transfer(batch)

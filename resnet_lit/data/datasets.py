@@ -1,20 +1,16 @@
-"""Dataset wrappers: seeded per-sample transforms, image files with corrupt-file handling, predict folders."""
+"""Dataset wrappers: seeded per-sample transforms, image files with corrupt-file handling, in-memory tensors."""
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
-from .errors import CorruptImageError, DataConfigError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+from .errors import CorruptImageError
 
 Transform = Callable[[Any], Any]
 
@@ -132,38 +128,6 @@ class ImageFileDataset(Dataset):
             except CorruptImageError:
                 continue
         raise CorruptImageError(f"no decodable image among the {len(self.samples)} files of this split")
-
-
-def find_images(directory: str | Path) -> list[str]:
-    """All image files under ``directory`` (recursive, sorted, by extension)."""
-    found = []
-    for dirpath, _, filenames in os.walk(directory, followlinks=True):
-        found.extend(os.path.join(dirpath, name) for name in filenames if name.lower().endswith(IMAGE_EXTENSIONS))
-    return sorted(found)
-
-
-class PredictFolderDataset(Dataset):
-    """``(transformed image, path)`` for every image under ``root`` (recursive), for ``predict_dataloader``.
-
-    Undecodable files raise :class:`CorruptImageError` naming the file (prediction never silently skips).
-    """
-
-    def __init__(self, root: str, transform: Transform | None, *, mode: str = "RGB") -> None:
-        if not os.path.isdir(root):
-            raise DataConfigError(f"predict_dir {root!r} does not exist or is not a directory")
-        self.paths = find_images(root)
-        if not self.paths:
-            raise DataConfigError(f"predict_dir {root!r} contains no image files ({', '.join(IMAGE_EXTENSIONS)})")
-        self.transform = transform
-        self.mode = mode
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[Any, str]:
-        path = self.paths[index]
-        image = load_image(path, self.mode)
-        return (self.transform(image) if self.transform is not None else image), path
 
 
 class TensorImageDataset(Dataset):

@@ -6,14 +6,10 @@ import os
 from typing import Any, Literal
 
 from .base import ImageDataModule
-from .datasets import IMAGE_EXTENSIONS, ImageFileDataset, find_images
+from .datasets import ImageFileDataset
 from .errors import DataConfigError
+from .files import IMAGE_EXTENSIONS, find_images, scan_classes
 from .splits import RawSplits
-
-
-def scan_classes(split_dir: str) -> list[str]:
-    """Sorted class sub-folder names of ``split_dir`` (cheap: one listdir)."""
-    return sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir() and not entry.name.startswith("."))
 
 
 def scan_samples(split_dir: str, classes: list[str]) -> list[tuple[str, int]]:
@@ -46,7 +42,8 @@ class ImageFolderDataModule(ImageDataModule):
         transform_style: ``imagenet`` or ``cifar`` transforms.
         image_size: Side of the (square) images the network sees.
         resize_size: Eval resize before the center crop (default: ``image_size * 256/224`` for ``imagenet``).
-        skip_corrupt: Replace undecodable images by the next decodable one instead of failing.
+        skip_corrupt: Replace undecodable images by the next decodable one instead of failing (``predict``: leave
+            them out and list them).
         val_fraction: Seeded share of train held out for validation when there is no ``val/`` folder.
     """
 
@@ -67,10 +64,10 @@ class ImageFolderDataModule(ImageDataModule):
             transform_style=transform_style,
             crop_size=image_size,
             resize_size=resize_size,
+            skip_corrupt=skip_corrupt,
             **kwargs,
         )
         self.root = root
-        self.skip_corrupt = skip_corrupt
         self._classes: list[str] | None = None
 
     def _split_dir(self, split: str) -> str:

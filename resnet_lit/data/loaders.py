@@ -3,8 +3,9 @@ that both train loaders carry through Lightning's stateful-dataloader protocol."
 
 from __future__ import annotations
 
+import signal
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -33,7 +34,25 @@ class SeededDataLoader(DataLoader):
 
     def __iter__(self) -> Any:
         self.generator.manual_seed(mix_seed(self.seed, getattr(self.sampler, "next_epoch", 0)))
+        if self.num_workers and not isinstance(self.worker_init_fn, IgnoreSigint):
+            self.worker_init_fn = IgnoreSigint(self.worker_init_fn)  # wraps Lightning's seeding, set by now
         return super().__iter__()
+
+
+class IgnoreSigint:
+    """A ``worker_init_fn`` that makes the worker ignore SIGINT, then runs ``init`` (Lightning's worker seeding).
+
+    Ctrl-C reaches the whole process group: a worker that died of it would keep the main process from reaching
+    the step where it saves a checkpoint (``resnet_lit.fault_tolerance.preemption``), which decides for all.
+    """
+
+    def __init__(self, init: Callable[[int], None] | None) -> None:
+        self.init = init
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if self.init is not None:
+            self.init(worker_id)
 
 
 class ResumableLoader:

@@ -8,6 +8,7 @@ import torch
 
 from .base import ImageDataModule
 from .datasets import TensorImageDataset
+from .errors import DataConfigError, require_positive
 from .seeds import mix_seed
 from .splits import RawSplits
 
@@ -48,6 +49,13 @@ class SyntheticDataModule(ImageDataModule):
         num_test_samples: int = 256,
         **kwargs: Any,
     ) -> None:
+        require_positive(
+            num_classes=num_classes, in_channels=in_channels, image_size=image_size, num_samples=num_samples
+        )
+        if num_val_samples < 0 or num_test_samples < 0:
+            raise DataConfigError(
+                f"num_val_samples and num_test_samples must be 0 or more, got {num_val_samples} and {num_test_samples}"
+            )
         super().__init__(
             val_fraction=0.0,
             mean=(0.5,) * in_channels,

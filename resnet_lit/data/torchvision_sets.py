@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 from torchvision import datasets
 
 from .base import ImageDataModule
+from .errors import DataConfigError
 from .splits import RawSplits
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -68,9 +69,9 @@ class TorchvisionDataModule(ImageDataModule):
         try:
             return self.dataset_cls(self.data_dir, train=train, download=False)  # type: ignore[call-arg]
         except RuntimeError as error:
-            raise RuntimeError(
-                f"{self.dataset_cls.__name__} not found or corrupted under data_dir={self.data_dir!r} "
-                f"(expected {self.layout}); set download: true or fix data_dir"
+            raise DataConfigError(
+                f"{self.dataset_cls.__name__} not found or corrupted in the folder data_dir={self.data_dir!r} "
+                f"(expected {self.layout} there); set download: true or fix data_dir"
             ) from error
 
 

@@ -1,4 +1,5 @@
-"""Checkpoint files: crash-safe writes, weights-only loading, and readable architecture mismatches."""
+"""`AtomicCheckpointIO`, the CheckpointIO of every resnet-lit Trainer, and readable architecture mismatches
+when checkpoint weights are loaded into a network."""
 
 from __future__ import annotations
 
@@ -12,49 +13,49 @@ from fsspec.utils import get_protocol
 from lightning.fabric.plugins import TorchCheckpointIO
 from torch import nn
 
-TEMP_SUFFIX = ".partial"
+from resnet_lit.errors import ResNetLitError
+from resnet_lit.fault_tolerance.checkpoint_files import (
+    TEMP_SUFFIX,
+    CheckpointReadError,
+    CheckpointWriteError,
+    atomic_torch_save,
+    check_checkpoint_file,
+    read_checkpoint,
+)
+from resnet_lit.fault_tolerance.nonfinite import RESUME_ADVICE, NonFiniteStateError, first_nonfinite_tensor
+
+__all__ = [
+    "TEMP_SUFFIX",
+    "AtomicCheckpointIO",
+    "CheckpointMismatchError",
+    "CheckpointReadError",
+    "CheckpointWriteError",
+    "atomic_torch_save",
+    "check_checkpoint_file",
+    "check_checkpoint_fits",
+    "check_finite_state",
+    "load_network_weights",
+    "read_checkpoint",
+]
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save(obj, path)`` that never leaves a partial file at ``path``.
-
-    Writes ``.<name>.partial`` in the same folder, flushes and fsyncs it, renames it over ``path`` with
-    :func:`os.replace` (atomic on POSIX within one filesystem), then fsyncs the folder so that the rename
-    itself survives a power or node failure.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temp = os.path.join(folder, f".{os.path.basename(path)}{TEMP_SUFFIX}")
-    try:
-        with open(temp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.remove(temp)
-        raise
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. platforms that cannot open folders
+def check_finite_state(checkpoint: Mapping[str, Any], path: str) -> None:
+    """Raise :class:`NonFiniteStateError` if the model or optimizer state of ``checkpoint`` is not finite."""
+    bad = first_nonfinite_tensor(checkpoint)
+    if bad is None:
         return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    key, kind = bad
+    raise NonFiniteStateError(
+        f"refusing to write checkpoint {path}: {key} holds {kind}, the training state is no longer finite; "
+        f"the previous checkpoints in {os.path.dirname(os.path.abspath(path))} are kept. Fix the cause "
+        f"(learning rate, warmup, data) and {RESUME_ADVICE}"
+    )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning ``CheckpointIO`` with same-folder temp file + fsync + ``os.replace`` writes for local paths
-    and ``weights_only=True`` loading unless told otherwise. Remote URLs (``s3://`` ...) use Lightning's path.
+    """Lightning ``CheckpointIO`` with same-folder temp file + fsync + ``os.replace`` writes for local paths,
+    a digest inside every file, and checked ``weights_only=True`` loading unless told otherwise. Remote URLs
+    (``s3://`` ...) use Lightning's path.
 
     Lightning's own atomic save writes its temporary file in the system temp folder and moves it over the
     target. When that folder and the checkpoint folder are on different filesystems (a local ``/tmp`` and
@@ -62,10 +63,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     fsync: a kill or node failure during it leaves a truncated ``last.ckpt``. Here ``last.ckpt`` is always
     either the previous or the new complete checkpoint.
 
+    Saving refuses (:class:`NonFiniteStateError`, nothing written) a checkpoint whose weights, buffers or
+    optimizer state are not finite. Loading verifies the stored digest (:func:`read_checkpoint`).
+
     The resnet-lit CLI uses it unless a CheckpointIO plugin is configured.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        check_finite_state(checkpoint, str(path))
         if storage_options is not None or get_protocol(str(path)) != "file":
             super().save_checkpoint(checkpoint, path, storage_options)
             return
@@ -77,10 +82,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         map_location: Callable | None = lambda storage, loc: storage,
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
-        return super().load_checkpoint(path, map_location, weights_only=True if weights_only is None else weights_only)
+        weights_only = True if weights_only is None else weights_only
+        if get_protocol(str(path)) != "file":
+            return super().load_checkpoint(path, map_location, weights_only=weights_only)
+        return read_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(ResNetLitError, RuntimeError):
     """A checkpoint's weights do not fit the model (the message lists the keys and shapes that differ), or
     the `model.init_from` / `model.reinit_head` settings are unusable."""
 
@@ -141,12 +149,10 @@ def load_network_weights(net: nn.Module, path: str, reinit_head: bool) -> str:
 
     With ``reinit_head`` the classifier head keeps its fresh initialisation, whatever its shape in the
     checkpoint (fine-tuning on other classes). Every other tensor must match in name and shape, else
-    :class:`CheckpointMismatchError` lists the differences. Loads with ``weights_only=True``. Returns a
-    one-line report.
+    :class:`CheckpointMismatchError` lists the differences. Loads with ``weights_only=True`` and checks the file
+    and its digest (:func:`read_checkpoint`). Returns a one-line report.
     """
-    if not os.path.isfile(path):
-        raise CheckpointMismatchError(f"model.init_from: no such checkpoint file {path!r}")
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
+    loaded = read_checkpoint(path, map_location="cpu", weights_only=True, what="model.init_from")
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointMismatchError(f"model.init_from: {path!r} holds neither a checkpoint nor a state dict")

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
+from resnet_lit.errors import ResNetLitError
+
 SLURM_INTERACTIVE_JOB_NAMES = ("bash", "interactive")  # Lightning's SLURMEnvironment ignores these jobs
 
 
-class ClusterConfigError(RuntimeError):
+class ClusterConfigError(ResNetLitError, RuntimeError):
     """The Trainer's devices/num_nodes do not match the processes an external launcher started."""
 
 

@@ -7,6 +7,7 @@ import csv
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 class _AppendingExperimentWriter(ExperimentWriter):
@@ -17,6 +18,23 @@ class _AppendingExperimentWriter(ExperimentWriter):
                 self.metrics_keys = sorted(next(csv.reader(f), []))
 
 
+class _ReplacingExperimentWriter(ExperimentWriter):
+    """Replaces an existing metrics.csv, as Lightning's writer does, but only at the first save: the writer is
+    created before the callbacks' `setup`, where the run-folder lock is taken, and a run refused there must
+    leave the folder's files alone."""
+
+    def _check_log_dir_exists(self) -> None:
+        self._replace = True
+
+    def save(self) -> None:
+        if self.metrics and self._replace:
+            self._replace = False
+            if self._fs.isfile(self.metrics_file_path):
+                rank_zero_warn(f"resnet-lit: replacing {self.metrics_file_path}, the metrics of an earlier run")
+                self._fs.rm_file(self.metrics_file_path)
+        super().save()
+
+
 class ResumableCSVLogger(CSVLogger):
     """Lightning's `CSVLogger`, except that with ``append=True`` an existing ``metrics.csv`` is continued.
 
@@ -24,7 +42,8 @@ class ResumableCSVLogger(CSVLogger):
     with ``--ckpt_path`` (or even one that fails to resume) loses the history of the interrupted run. The
     resnet-lit CLI sets ``append`` when ``fit`` resumes from a checkpoint that exists. Steps logged by the
     interrupted run after its last checkpoint appear twice: first the interrupted run's rows, then the resumed
-    run's, which are the ones that continue.
+    run's, which are the ones that continue. Without ``append`` an existing file is replaced when the first
+    metrics are saved, not when the logger starts (a run that fails before logging anything keeps it).
     """
 
     def __init__(
@@ -44,8 +63,7 @@ class ResumableCSVLogger(CSVLogger):
     def experiment(self) -> ExperimentWriter:
         if self._experiment is not None:
             return self._experiment
-        if not self.append:
-            return super().experiment
         self._fs.makedirs(self.root_dir, exist_ok=True)
-        self._experiment = _AppendingExperimentWriter(log_dir=self.log_dir)
+        writer = _AppendingExperimentWriter if self.append else _ReplacingExperimentWriter
+        self._experiment = writer(log_dir=self.log_dir)
         return self._experiment

@@ -14,8 +14,10 @@ from resnet_lit.fault_tolerance.corrupt_images import CorruptImageReport
 from resnet_lit.fault_tolerance.nonfinite import NonFiniteLossPolicy
 from resnet_lit.fault_tolerance.preemption import PreemptionHandler
 from resnet_lit.fault_tolerance.rng_state import RankStateCheckpoint
+from resnet_lit.fault_tolerance.run_lock import RunFolderLock
 
 FAULT_TOLERANCE_CALLBACKS: tuple[type[Callback], ...] = (
+    RunFolderLock,  # one live `fit` per run folder; first, so that it locks before the others write
     RankStateCheckpoint,  # exact resume: every rank's RNG and running metric states
     PreemptionHandler,  # SIGTERM / SLURM requeue signal: save at the next step and exit
     CorruptImageReport,  # count and log the corrupt images that `skip_corrupt` replaced

@@ -1,14 +1,18 @@
-"""The non-finite loss policy (`model.nonfinite_loss: stop | skip`) as a Lightning callback.
+"""The non-finite loss policy (`model.nonfinite_loss: stop | skip`) as a Lightning callback, and the check that
+keeps non-finite weights out of checkpoints.
 
 A NaN/inf loss either ends training before any checkpoint holds the bad step ("stop"), or drops that step on
-every rank ("skip"). The callback reads the policy from the module's hyperparameters, so the module only
-declares the option. Gradient overflow under fp16 is no fault here: the loss is finite and the GradScaler
-skips that step itself.
+every rank ("skip") until too many recent steps were dropped. The callback reads the policy from the module's
+hyperparameters, so the module only declares the option; the limits of "skip" are the callback's own
+arguments (set them through `trainer.callbacks`). Gradient overflow under fp16 is no fault here: the loss is
+finite and the GradScaler skips that step itself.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -17,14 +21,22 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from resnet_lit.errors import ResNetLitError
 from resnet_lit.fault_tolerance.distributed import any_rank, max_over_ranks
 
 NonFinitePolicy = Literal["stop", "skip"]
 POLICIES: tuple[str, ...] = ("stop", "skip")
+RESUME_ADVICE = "resume with --ckpt_path last --model.optimizer.init_args.lr <lower lr>"
+CHECKED_STATE: tuple[str, ...] = ("state_dict", "optimizer_states")  # the checkpoint entries that must be finite
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training met a NaN or infinite loss under the ``stop`` policy. The message says where and how to go on."""
+class NonFiniteLossError(ResNetLitError, RuntimeError):
+    """Training met a NaN or infinite loss under ``stop``, or too many under ``skip``. The message says where
+    and how to go on."""
+
+
+class NonFiniteStateError(ResNetLitError):
+    """A checkpoint was about to store a NaN or infinite weight, buffer or optimizer state; it was not written."""
 
 
 class NonFiniteLossPolicy(Callback):
@@ -38,12 +50,26 @@ class NonFiniteLossPolicy(Callback):
     dropped everywhere: BatchNorm statistics are put back, its gradients (with accumulation: the whole
     accumulated step's) are discarded before the optimizer step, so the optimizer state does not move. The
     count is logged as ``train/nonfinite_skipped`` and kept in checkpoints. The learning-rate schedule still
-    advances; under fp16 the GradScaler also sees the non-finite gradients and lowers its scale.
+    advances; under fp16 the GradScaler also sees the non-finite gradients and lowers its scale. When more than
+    ``max_skip_fraction`` of the last ``window`` training batches were skipped, training stops with
+    :class:`NonFiniteLossError`: a run that keeps producing NaNs is diverging, not hitting a bad batch.
+
+    Args:
+        max_skip_fraction: ``skip`` stops once more than this fraction of the last ``window`` batches were
+            skipped (1.0: never).
+        window: how many of the most recent training batches ``max_skip_fraction`` counts over.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_skip_fraction: float = 0.1, window: int = 100) -> None:
+        if not 0.0 <= max_skip_fraction <= 1.0:
+            raise ResNetLitError(f"NonFiniteLossPolicy max_skip_fraction must be in [0, 1], got {max_skip_fraction!r}")
+        if window < 1:
+            raise ResNetLitError(f"NonFiniteLossPolicy window must be at least 1, got {window!r}")
+        self.max_skip_fraction = max_skip_fraction
+        self.window = window
         self.policy: NonFinitePolicy = "stop"
         self.skipped = 0
+        self._recent: deque[int] = deque(maxlen=window)  # "skip": 1 per skipped batch of the last `window`
         self.last_saved_step: int | None = None  # global step of the last checkpoint written (or resumed from)
         self._batch_idx = 0
         self._drop_step = False
@@ -71,8 +97,11 @@ class NonFiniteLossPolicy(Callback):
         if self.policy == "stop":
             self._flags.append(bad)
             self._where.append((trainer.global_step, trainer.current_epoch, self._batch_idx))
-        elif any_rank(trainer, bad):  # collective: every rank drops the step, or none
-            self._skip(trainer, loss)
+        else:
+            dropped = any_rank(trainer, bad)  # collective: every rank drops the step, or none
+            if dropped:
+                self._skip(trainer, loss)
+            self._recent.append(int(dropped))
 
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._restore_buffers:  # not before: the backward pass of BatchNorm reads the buffers it saved
@@ -92,6 +121,7 @@ class NonFiniteLossPolicy(Callback):
     ) -> None:
         if self.policy == "skip":
             pl_module.log("train/nonfinite_skipped", float(self.skipped), on_step=True, on_epoch=False)
+            self.check_skip_limit(trainer)
         elif trainer.global_step % max(1, trainer.log_every_n_steps) == 0:  # the logger syncs at these steps anyway
             self.check(trainer)
 
@@ -109,7 +139,8 @@ class NonFiniteLossPolicy(Callback):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        self.check(trainer)  # never write a checkpoint after a non-finite loss
+        self.check(trainer)  # never write a checkpoint after a non-finite loss ...
+        self.check_state(trainer, checkpoint)  # ... nor one with non-finite weights, statistics or moments
         self.last_saved_step = trainer.global_step
 
     def on_load_checkpoint(
@@ -118,10 +149,25 @@ class NonFiniteLossPolicy(Callback):
         self.last_saved_step = checkpoint.get("global_step")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped": self.skipped}
+        return {"skipped": self.skipped, "recent": list(self._recent)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped = int(state_dict.get("skipped", 0))
+        self._recent = deque(state_dict.get("recent", []), maxlen=self.window)
+
+    def check_skip_limit(self, trainer: pl.Trainer) -> None:
+        """``skip``: raise :class:`NonFiniteLossError` once more than ``max_skip_fraction`` of the last ``window``
+        batches were skipped. The ranks agree on every skip, so all of them stop at the same batch."""
+        count = sum(self._recent)
+        if count <= self.max_skip_fraction * self.window:
+            return
+        raise NonFiniteLossError(
+            f"non-finite training loss in {count} of the last {self.window} training batches, more than the "
+            f"limit of {self.max_skip_fraction:g} (model.nonfinite_loss: skip); training stopped at step "
+            f"{trainer.global_step} (epoch {trainer.current_epoch}, batch {self._batch_idx}); "
+            f"{self._last_checkpoint(trainer)}. Fix the cause (learning rate, warmup, data) and {RESUME_ADVICE}, "
+            "or raise max_skip_fraction / window of the NonFiniteLossPolicy in trainer.callbacks"
+        )
 
     def check(self, trainer: pl.Trainer) -> None:
         """``stop``: raise :class:`NonFiniteLossError` if any rank recorded a non-finite loss since the last
@@ -139,7 +185,20 @@ class NonFiniteLossPolicy(Callback):
         raise NonFiniteLossError(
             f"non-finite training loss at step {step} (epoch {epoch}, batch {batch}), {local}. "
             f"Training stopped; {self._last_checkpoint(trainer)}. Fix the cause (learning rate, warmup, data) and "
-            "resume with --ckpt_path last, or set model.nonfinite_loss: skip to skip such steps"
+            f"{RESUME_ADVICE}, or set model.nonfinite_loss: skip to skip such steps"
+        )
+
+    def check_state(self, trainer: pl.Trainer, checkpoint: Mapping[str, Any]) -> None:
+        """Raise :class:`NonFiniteStateError` on every rank if the model or optimizer state about to be saved is
+        not finite on any rank (BatchNorm statistics differ between ranks). Collective."""
+        bad = first_nonfinite_tensor(checkpoint)
+        if not any_rank(trainer, bad is not None):
+            return
+        where = f"{bad[0]} holds {bad[1]}" if bad is not None else "the state of another rank is not finite"
+        raise NonFiniteStateError(
+            f"refusing to write a checkpoint at step {trainer.global_step}: {where}, the training state is no "
+            f"longer finite; {self._last_checkpoint(trainer)}. Fix the cause (learning rate, warmup, data) and "
+            f"{RESUME_ADVICE}"
         )
 
     def _remember_buffers(self, pl_module: pl.LightningModule) -> None:
@@ -174,3 +233,39 @@ class NonFiniteLossPolicy(Callback):
 def _describe(loss: Tensor) -> str:
     value = loss.detach().float().item()
     return f"{value}" if not math.isfinite(value) else f"finite here ({value:.4g}), non-finite on another rank"
+
+
+def first_nonfinite_tensor(checkpoint: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``(key, "NaN" | "inf")`` of the first floating tensor of the model or optimizer state in ``checkpoint``
+    that is not finite, or None. One host sync per device, whatever the number of tensors.
+
+    Callback states are not checked: some hold infinities by design (``ModelCheckpoint``'s initial
+    ``kth_value``, ``EarlyStopping``'s ``best_score``).
+    """
+    found = [(key, t) for name in CHECKED_STATE if name in checkpoint for key, t in _floating(checkpoint[name], name)]
+    if not found:
+        return None
+    finite = [torch.isfinite(t).all() for _, t in found]
+    by_device: dict[torch.device, list[int]] = {}
+    for index, flag in enumerate(finite):
+        by_device.setdefault(flag.device, []).append(index)
+    bad: list[int] = []
+    for indices in by_device.values():
+        values = torch.stack([finite[i] for i in indices]).cpu().tolist()
+        bad.extend(i for i, ok in zip(indices, values, strict=True) if not ok)
+    if not bad:
+        return None
+    key, tensor = found[min(bad)]
+    return key, "NaN" if bool(torch.isnan(tensor).any()) else "inf"
+
+
+def _floating(value: Any, key: str) -> Iterator[tuple[str, Tensor]]:
+    if isinstance(value, Tensor):
+        if (value.is_floating_point() or value.is_complex()) and value.device.type != "meta":
+            yield key, value.detach()
+    elif isinstance(value, Mapping):
+        for name, item in value.items():
+            yield from _floating(item, f"{key}[{name!r}]")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from _floating(item, f"{key}[{index}]")

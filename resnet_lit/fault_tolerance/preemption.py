@@ -1,11 +1,15 @@
-"""`PreemptionHandler`: on SIGTERM (or SLURM's requeue signal) save `last.ckpt` at the next safe point and exit."""
+"""`PreemptionHandler`: on SIGTERM, Ctrl-C (SIGINT) or SLURM's requeue signal save `last.ckpt` at the next safe
+point and exit; in validate, test and predict stop after the current batch without saving."""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 from types import FrameType
 from typing import Any
@@ -13,6 +17,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from resnet_lit.fault_tolerance.checkpointing import ResumableCheckpoint, checkpoint_metrics, in_gradient_accumulation
@@ -26,35 +31,53 @@ class Preempted(SystemExit):
     """Raised (on every rank together) after the preemption checkpoint is written; exit status 128 + signal."""
 
 
+class Interrupted(SystemExit):
+    """Raised when a signal stops a run without a checkpoint (validate, test, predict, or a second Ctrl-C);
+    exit status 128 + signal: 143 for SIGTERM, 130 for SIGINT."""
+
+
 class PreemptionHandler(Callback):
-    """Turns SIGTERM, and under SLURM with auto-requeue the requeue signal (SIGUSR1), into "save and exit".
+    """Turns SIGTERM, Ctrl-C (SIGINT) and, under SLURM with auto-requeue, the requeue signal (SIGUSR1) into
+    "save and exit" during `fit`, and into "stop after this batch" during validate, test and predict.
 
     The signal handler only records the signal. At the end of the current training batch (the next
     `on_train_batch_end`, after the optimizer step), or at the epoch end if the signal came during the last
     batch or epoch-end validation, all ranks agree on it (an all-reduce of a host integer over a gloo group,
     so a signal seen by any rank counts and no GPU sync is needed), write `last.ckpt` through the checkpoint
     callback, and raise :class:`Preempted`, a `SystemExit` with status 128 + signal number (143 for SIGTERM,
-    138 for SIGUSR1). For the requeue signal, rank 0 first runs `scontrol requeue <job id>`, as Lightning's
-    SLURM support does; the requeued job resumes with `--ckpt_path last`.
+    130 for SIGINT, 138 for SIGUSR1). When ranks saw different signals, the requeue signal wins, then SIGTERM.
+    For the requeue signal, rank 0 first runs `scontrol requeue <job id>`, as Lightning's SLURM support does;
+    the requeued job resumes with `--ckpt_path last`. A second SIGINT stops at once, without saving
+    (:class:`Interrupted`, status 130); a third one kills the process (the system's default action).
 
-    This replaces Lightning's own handlers during training, which save the SLURM checkpoint inside the
-    signal handler (possibly mid-backward) and otherwise exit on SIGTERM without saving. The handlers are
-    installed at `on_train_start` and put back by Lightning at teardown. A signal that arrives after the
-    last training batch (during the final validation) lets the run finish normally.
+    In validate, test and predict the ranks agree after each batch that all of them run, stop, say so, save
+    nothing and raise :class:`Interrupted`.
+
+    This replaces Lightning's own handlers, which save the SLURM checkpoint inside the signal handler (possibly
+    mid-backward), otherwise exit on SIGTERM without saving (status 0 in validate and test, not at all in
+    predict), and turn Ctrl-C into a KeyboardInterrupt that saves nothing. The handlers are installed when
+    Lightning's are (at the sanity check or `on_train_start`, at the start of evaluation or prediction) and put
+    back by Lightning at teardown. A signal that arrives after the last training batch (during the final
+    validation) lets the run finish normally.
     """
 
     def __init__(self) -> None:
         self._signum = 0
+        self._interrupts = 0  # SIGINTs received
         self._forwarded = False
         self._launcher: Any = None  # the strategy's launcher, when Lightning started the processes itself
         self._requeue_signum: int | None = None
         self._group: Any = None
+        self._speaks = True  # global rank 0: says what a Ctrl-C does
+        self._evaluating = False  # validate/test/predict: stop after a batch, save nothing
+        self._agreed_batches = 0  # evaluation batches that every rank runs (agreement is collective)
+        self._batches_done = 0
 
     # --- signals -----------------------------------------------------------------------------------------
     def _signals(self, trainer: pl.Trainer) -> list[int]:
-        signums = [signal.SIGTERM]
+        signums = [signal.SIGTERM, signal.SIGINT]
         requeue = self._requeue_signal(trainer)
-        if requeue:
+        if requeue and not self._evaluating:
             signums.append(requeue)
         return signums
 
@@ -64,26 +87,59 @@ class PreemptionHandler(Callback):
             return environment.requeue_signal
         return None
 
+    def _rank(self, signum: int) -> int:
+        """The value ranks all-reduce (max): the requeue signal outranks SIGTERM, which outranks SIGINT."""
+        return _REQUEUE_RANK + signum if signum and signum == self._requeue_signum else signum
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         # Runs between two Python bytecodes of the main thread: only record, never save here.
-        if not self._signum or signum == self._requeue_signum:
+        if signum == signal.SIGINT:
+            self._interrupts += 1
+            if self._interrupts > 1:
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                self._say("resnet-lit: second SIGINT: stopping now, without saving")
+                raise Interrupted(128 + signal.SIGINT)
+            what = "stopping after this batch" if self._evaluating else "saving a checkpoint at the next step"
+            self._say(f"resnet-lit: SIGINT: {what} (press Ctrl-C again to stop at once, without saving)")
+        if self._rank(signum) > self._rank(self._signum):
             self._signum = signum
-        if self._launcher is not None and not self._forwarded:
+        if signum != signal.SIGINT and self._launcher is not None and not self._forwarded:
+            # Processes that Lightning started itself (ddp on one node) get it too; a Ctrl-C reaches them anyway.
             self._forwarded = True
-            self._launcher.kill(signum)  # processes that Lightning started itself (ddp on one node) get it too
+            self._launcher.kill(signum)
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _say(self, line: str) -> None:
+        """Write a line to stderr from the signal handler: unbuffered, as the main thread may be mid-print."""
+        if not self._speaks:
+            return
+        with contextlib.suppress(AttributeError, OSError, ValueError):  # no real stderr (e.g. captured by a test)
+            os.write(sys.stderr.fileno(), f"{line}\n".encode())
+
+    def _install(self, trainer: pl.Trainer) -> None:
+        """Take over the signals from Lightning's handlers (which Lightning puts back at teardown)."""
         self._launcher = trainer.strategy.launcher
-        self._requeue_signum = self._requeue_signal(trainer)
-        self._group = host_group(trainer)  # CPU all-reduce: agreeing every step costs no GPU sync
-        self._signum, self._forwarded = 0, False
-        if trainer.received_sigterm:  # arrived while Lightning's handler was installed (before training)
-            self._signum = signal.SIGTERM
+        self._requeue_signum = None if self._evaluating else self._requeue_signal(trainer)
+        self._speaks = trainer.is_global_zero
+        if trainer.received_sigterm:  # arrived while Lightning's handler was installed
+            self._signum = max(self._signum, signal.SIGTERM, key=self._rank)
         if threading.current_thread() is not threading.main_thread():
             rank_zero_warn("resnet-lit: not in the main thread; preemption signals are left to Lightning")
             return
         for signum in self._signals(trainer):
-            signal.signal(signum, self._handle)
+            if signum != signal.SIGINT or self._interrupts < 2:
+                signal.signal(signum, self._handle)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._signum, self._interrupts, self._forwarded = 0, 0, False
+        self._evaluating = trainer.state.fn != TrainerFn.FITTING
+        self._group = None
+
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._install(trainer)  # a signal during the sanity check is acted on at the first training step
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._group = host_group(trainer)  # CPU all-reduce: agreeing every step costs no GPU sync
+        self._install(trainer)
 
     # --- safe points ---------------------------------------------------------------------------------------
     def on_train_batch_end(
@@ -97,22 +153,62 @@ class PreemptionHandler(Callback):
         self._maybe_stop(trainer)
 
     def _maybe_stop(self, trainer: pl.Trainer) -> None:
-        # The requeue signal outranks SIGTERM when ranks saw different signals.
-        requeue = self._requeue_signum
-        code = host_max(trainer, _REQUEUE_RANK + self._signum if self._signum == requeue else self._signum, self._group)
+        code = host_max(trainer, self._rank(self._signum), self._group)
         if not code:
             return
         signum = code - _REQUEUE_RANK if code >= _REQUEUE_RANK else code
         name = signal.Signals(signum).name
         rank_zero_info(f"resnet-lit: received {name}; saving a checkpoint at step {trainer.global_step}")
         path = save_last_checkpoint(trainer)
-        if signum == requeue and trainer.is_global_zero:
+        if signum == self._requeue_signum and trainer.is_global_zero:
             requeue_slurm_job()
+        stopped = "interrupted" if signum == signal.SIGINT else "preempted"
         rank_zero_info(
-            f"resnet-lit: preempted by {name} at epoch {trainer.current_epoch}, step {trainer.global_step}; "
+            f"resnet-lit: {stopped} by {name} at epoch {trainer.current_epoch}, step {trainer.global_step}; "
             f"saved {path}. Run the same command with --ckpt_path last to continue."
         )
         raise Preempted(128 + signum)
+
+    # --- validate, test, predict -------------------------------------------------------------------------------
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._evaluating:  # not the validation inside fit
+            self._start_evaluation(trainer, trainer.num_val_batches)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_evaluation(trainer, trainer.num_test_batches)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_evaluation(trainer, trainer.num_predict_batches)
+
+    def _start_evaluation(self, trainer: pl.Trainer, batches: list[int | float]) -> None:
+        self._group = host_group(trainer)
+        self._install(trainer)
+        # Ranks may run different numbers of batches: agree only after the batches that all of them run.
+        # Each rank sends minus its count, or +1 for an unknown length (which turns agreement off).
+        total = sum(batches)
+        common = -host_max(trainer, 1 if math.isinf(total) else -int(total), self._group)
+        self._agreed_batches, self._batches_done = max(common, 0), 0
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if self._evaluating:
+            self._maybe_stop_evaluation(trainer, "validate")
+
+    def on_test_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._maybe_stop_evaluation(trainer, "test")
+
+    def on_predict_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._maybe_stop_evaluation(trainer, "predict")
+
+    def _maybe_stop_evaluation(self, trainer: pl.Trainer, command: str) -> None:
+        self._batches_done += 1
+        signum = self._signum
+        if self._batches_done <= self._agreed_batches:
+            signum = host_max(trainer, self._rank(signum), self._group)
+        if not signum:
+            return
+        name = signal.Signals(signum).name
+        rank_zero_info(f"resnet-lit: {command} stopped by {name} after {self._batches_done} batches; nothing saved")
+        raise Interrupted(128 + signum)
 
 
 def cluster_environment(trainer: pl.Trainer) -> ClusterEnvironment | None:

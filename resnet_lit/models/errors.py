@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from resnet_lit.errors import ResNetLitError
 
-class ModelConfigError(ValueError):
+
+class ModelConfigError(ResNetLitError, ValueError):
     """A network setting that cannot be built, e.g. a block option the block does not take."""

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from resnet_lit.models.block_options import BlockArgs, block_label, per_stage_block_args
 from resnet_lit.models.blocks import BLOCKS, ResidualBlock
+from resnet_lit.models.errors import ModelConfigError
 from resnet_lit.models.layers import ActLayer, NormLayer, resolve_act, resolve_norm
 from resnet_lit.models.shortcuts import SHORTCUTS, ShortcutFactory
 from resnet_lit.models.stems import STEMS, StemFactory
@@ -77,7 +78,7 @@ class ResNet(nn.Module):
         _check_positive(in_channels=in_channels, num_classes=num_classes, stem_width=stem_width,
                         groups=groups, width_per_group=width_per_group)  # fmt: skip
         if not 0.0 <= drop_path < 1.0:
-            raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
+            raise ModelConfigError(f"drop_path must be in [0, 1), got {drop_path}")
         if isinstance(shortcut, str):
             SHORTCUTS.get(shortcut)
         norm_layer, act_layer = resolve_norm(norm), resolve_act(act)
@@ -155,21 +156,21 @@ def _per_stage_blocks(block: BlockSpec | Sequence[BlockSpec], num_stages: int) -
     """Each stage's block class and its label for messages."""
     specs = [block] * num_stages if isinstance(block, str | type) else list(block)
     if len(specs) != num_stages:
-        raise ValueError(f"block lists {len(specs)} entries but there are {num_stages} stages (layers)")
+        raise ModelConfigError(f"block lists {len(specs)} entries but there are {num_stages} stages (layers)")
     blocks = []
     for spec in specs:
         cls = BLOCKS.resolve(spec)
         if not (isinstance(cls, type) and issubclass(cls, ResidualBlock)):
-            raise ValueError(f"block {spec!r} is not a resnet_lit.ResidualBlock subclass")
+            raise ModelConfigError(f"block {spec!r} is not a resnet_lit.ResidualBlock subclass")
         blocks.append((block_label(spec, cls), cls))
     return blocks
 
 
 def _check_stage_layout(layers: list[int], widths: list[int], strides: list[int]) -> None:
     if not layers:
-        raise ValueError("layers must list at least one stage")
+        raise ModelConfigError("layers must list at least one stage")
     if not len(layers) == len(widths) == len(strides):
-        raise ValueError(
+        raise ModelConfigError(
             f"layers, widths and strides must have one entry per stage; got "
             f"layers={layers} ({len(layers)}), widths={widths} ({len(widths)}), "
             f"strides={strides} ({len(strides)})"
@@ -177,20 +178,20 @@ def _check_stage_layout(layers: list[int], widths: list[int], strides: list[int]
     for name, values in (("layers", layers), ("widths", widths), ("strides", strides)):
         bad = [v for v in values if not isinstance(v, int) or v < 1]
         if bad:
-            raise ValueError(f"{name} must be positive integers, got {values}")
+            raise ModelConfigError(f"{name} must be positive integers, got {values}")
 
 
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
         if value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value}")
+            raise ModelConfigError(f"{name} must be a positive integer, got {value}")
 
 
 def _check_fits(image_size: int, stem_stride: int, strides: list[int]) -> None:
     size = -(-image_size // stem_stride)
     for index, stride in enumerate(strides, start=1):
         if size < stride:
-            raise ValueError(
+            raise ModelConfigError(
                 f"strides={strides}: stage {index} has stride {stride} but its input is only "
                 f"{size}x{size} for image_size={image_size}; use stride 1 there or larger images"
             )

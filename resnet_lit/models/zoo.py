@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from resnet_lit.models.errors import ModelConfigError
 from resnet_lit.models.resnet import ResNet
 from resnet_lit.registry import Registry
 
@@ -37,7 +38,7 @@ def build_resnet(defaults: dict[str, Any], overrides: dict[str, Any]) -> ResNet:
     """`ResNet(**defaults | overrides)`, with a clear error for an unknown override."""
     unknown = sorted(set(overrides) - _RESNET_ARGS)
     if unknown:
-        raise ValueError(f"unknown model override(s) {unknown}; valid keys: {', '.join(sorted(_RESNET_ARGS))}")
+        raise ModelConfigError(f"unknown model override(s) {unknown}; valid keys: {', '.join(sorted(_RESNET_ARGS))}")
     return ResNet(**{**defaults, **overrides})
 
 
