@@ -27,8 +27,34 @@ def bench_rows(path: Path) -> list[str]:
     return rows
 
 
+def suite_lines(root: Path) -> list[str]:
+    """The steps of gpu_suite.sh (suite.json) against their budget, and what the environment check found."""
+    lines = []
+    suite = root / "suite.json"
+    if suite.is_file():
+        data = json.loads(suite.read_text())
+        lines += [f"Steps of benchmarks/gpu_suite.sh{' (SMOKE)' if data.get('smoke') else ''}, budget "
+                  f"{data['budget_total_s']} s of {data['limit_s']} s:", "",
+                  "| step | budget s | seconds | exit | note |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+        for step in data["steps"]:
+            code = step["exit"]
+            note = step["skipped"] or {0: "", 124: "ran out of time", 137: "killed at its budget"}.get(code, "failed")
+            code = "-" if code is None else code
+            lines.append(f"| {step['step']} | {step['budget_s']} | {step['seconds']} | {code} | {note} |")
+        lines.append("")
+    environment = root / "environment.json"
+    if environment.is_file():
+        data = json.loads(environment.read_text())
+        lines += [f"Environment problem: {problem}" for problem in data["fatal"] + data["compile_problems"]]
+        if lines[-1:] != [""]:
+            lines.append("")
+    return lines
+
+
 def main(folder: str) -> int:
     root = Path(folder)
+    for line in suite_lines(root):
+        print(line)
     print(
         "| run | runner | model | px | batch | precision | format | compile | images/s (median) | all runs | "
         "peak MiB | fit/loop |"

@@ -28,6 +28,8 @@ from resnet_lit.fault_tolerance.checkpoint_io import (
     check_checkpoint_fits,
     load_network_weights,
 )
+from resnet_lit.fault_tolerance.checkpointing import in_gradient_accumulation
+from resnet_lit.fault_tolerance.distributed import is_sync_step
 from resnet_lit.fault_tolerance.nonfinite import NonFinitePolicy
 from resnet_lit.models import NetworkConfig, create_model
 from resnet_lit.optim import param_groups, rescale_restored_lr, restored_base_lrs, scale_learning_rate
@@ -104,7 +106,6 @@ class ResNetClassifier(L.LightningModule):
         self.scheduler_factory = lr_scheduler
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.progress_bar_interval = 1  # steps between progress-bar loss copies; the Trainer's log_every_n_steps
         self.configured_lrs: list[float] | None = None  # the optimizer's lr per group, set by configure_optimizers
         self._scaled_lrs: list[float] = []
         self._restored_lrs: list[float] | None = None  # the checkpoint's configured lr, while resuming a fit
@@ -138,14 +139,18 @@ class ResNetClassifier(L.LightningModule):
 
     def configure_metrics(self) -> None:
         """One collection of loss, accuracy and (5 classes or more) top-5 accuracy, cloned for validation and
-        test; training keeps only the accuracy, since its loss is logged per step."""
+        test; training keeps only the accuracy, since its loss is logged at the logging steps.
+
+        Updates never sync the host with the device: no argument validation (its checks read values on the
+        host), and a NaN loss is summed in like any other value (so the mean is NaN) rather than looked for.
+        """
         num_classes = self.hparams.num_classes
         metrics: dict[str, Any] = {
             "loss": MeanCrossEntropy(),
-            "acc": MulticlassAccuracy(num_classes, average="micro"),
+            "acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False),
         }
         if num_classes >= 5:  # top-5 of fewer classes is always 1
-            metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+            metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro", validate_args=False)
         # One metric per group: the resume code saves and restores every metric's state on every rank.
         collection = MetricCollection(metrics, compute_groups=False)
         self.train_metrics = MetricCollection({"acc": metrics["acc"].clone()}, prefix="train/", compute_groups=False)
@@ -153,7 +158,6 @@ class ResNetClassifier(L.LightningModule):
         self.test_metrics = collection.clone(prefix="test/")
 
     def setup(self, stage: str) -> None:
-        self.progress_bar_interval = max(1, self.trainer.log_every_n_steps)
         self._restored_lrs = None
 
     def forward(self, images: Tensor) -> Tensor:
@@ -167,15 +171,25 @@ class ResNetClassifier(L.LightningModule):
             hard_targets = targets.argmax(dim=1)
         logits = self(images)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
-        # Per step only what costs nothing: no host sync, no batch-level metric value (see docs/performance.md).
+        # Per step only what costs nothing: no host sync, no collective, no batch-level metric value (see
+        # docs/performance.md); what needs them waits for the logging steps.
         self.train_metrics.update(logits.detach(), hard_targets)  # train/acc is logged once, at the epoch end
-        # The mean over all processes: the loss of the global batch this optimizer step used.
-        self.log("train/loss", loss, sync_dist=True)
-        if batch_idx % self.progress_bar_interval == 0:
-            # The progress bar converts its values with .item() after every step, a host-device sync on GPUs:
-            # give it a CPU copy, refreshed only when the logger syncs anyway.
+        if self._logs_this_step(batch_idx):
+            # The mean over all processes (the loss of the global batch this optimizer step used), synced (a
+            # barrier and an all-reduce) only at the steps whose logs Lightning writes.
+            self.log("train/loss", loss, sync_dist=True)
+            # The progress bar converts its values with .item() after every batch: give it a CPU copy, so that
+            # its per-batch conversion never waits for the device.
             self.log("loss", loss.detach().float().cpu(), prog_bar=True, logger=False)
         return loss
+
+    def _logs_this_step(self, batch_idx: int) -> bool:
+        """Whether this batch ends an optimizer step after which Lightning writes the step logs (see
+        `is_sync_step`); True outside a Trainer, so that a bare `training_step` call logs as before."""
+        if not _attached_to_a_trainer(self):
+            return True
+        trainer = self.trainer
+        return not in_gradient_accumulation(trainer, batch_idx) and is_sync_step(trainer, trainer.global_step + 1)
 
     def on_train_epoch_end(self) -> None:
         self.log_dict(self.train_metrics)
@@ -313,10 +327,18 @@ def global_batch_size(trainer: L.Trainer) -> int:
 
 
 class MeanCrossEntropy(MeanMetric):
-    """Cross-entropy of logits and class indices, averaged over every sample seen (on all ranks)."""
+    """Cross-entropy of logits and class indices, averaged over every sample seen (on all ranks).
+
+    No NaN check (`nan_strategy="disable"`), which would read the values on the host: a NaN loss makes the mean
+    NaN. (That setting also ignores `weight`, hence one value per sample.)
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("nan_strategy", "disable")
+        super().__init__(**kwargs)
 
     def update(self, logits: Tensor, targets: Tensor) -> None:  # type: ignore[override]
-        super().update(F.cross_entropy(logits, targets), weight=targets.shape[0])
+        super().update(F.cross_entropy(logits, targets, reduction="none"))
 
 
 def _attached_to_a_trainer(module: L.LightningModule) -> bool:

@@ -13,12 +13,14 @@ from typing import Any
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from resnet_lit.callbacks import PredictionCSVWriter
+from resnet_lit.callbacks.progress_bar import ThrottledProgressBar
 from resnet_lit.cli_checkpoint import checkpoint_file, saved_hyperparameters, unset_hyperparameters, warn_unsafe_load
 from resnet_lit.cli_parser import ResNetLitArgumentParser
 from resnet_lit.data import ImageDataModule
@@ -29,7 +31,7 @@ from resnet_lit.fault_tolerance import (
     fault_tolerance_callbacks,
     with_atomic_checkpoint_io,
 )
-from resnet_lit.fault_tolerance.install import ATOMIC_CHECKPOINT_IO
+from resnet_lit.fault_tolerance.install import ATOMIC_CHECKPOINT_IO, configures
 from resnet_lit.models import ResidualBlock
 from resnet_lit.module import ResNetClassifier
 
@@ -146,11 +148,17 @@ class ResNetLitCLI(LightningCLI):
                 class_path="resnet_lit.fault_tolerance.ResumableCSVLogger",
                 init_args=Namespace(save_dir=root, name="", version="", append=self._resumes(config)),
             )
-        self.trainer_defaults["callbacks"] = fault_tolerance_callbacks(config.trainer.callbacks)
+        self.trainer_defaults["callbacks"] = [
+            *fault_tolerance_callbacks(config.trainer.callbacks),
+            *default_progress_bar(config.trainer),
+        ]
         config.trainer.plugins = with_atomic_checkpoint_io(config.trainer.plugins)
 
     def after_instantiate_classes(self) -> None:
         warn_if_images_vanish(self.datamodule, getattr(self.model, "net", None))
+        check_shards = getattr(self.datamodule, "check_shards", None)
+        if self.subcommand is not None and check_shards is not None:
+            check_shards(self.trainer, self.subcommand)  # once, before Lightning's launcher starts the processes
 
     def _resumes(self, config: Namespace) -> bool:
         """Whether this is a `fit` that restores a checkpoint (then metrics.csv is continued, not replaced)."""
@@ -198,6 +206,13 @@ class SaveConfigOnStart(SaveConfigCallback):
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().setup(trainer, pl_module, "predict")
+
+
+def default_progress_bar(trainer_config: Namespace) -> list[Callback]:
+    """`[ThrottledProgressBar()]`, unless the config turns the progress bar off or brings its own."""
+    if trainer_config.get("enable_progress_bar") is False or configures(trainer_config.get("callbacks"), ProgressBar):
+        return []
+    return [ThrottledProgressBar()]
 
 
 def network_stride(net: nn.Module) -> int | None:

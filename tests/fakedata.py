@@ -1,14 +1,19 @@
-"""Generators of small datasets in the real on-disk formats the DataModules read (tests never download)."""
+"""Generators of small datasets in the real on-disk formats the DataModules read (tests never download), and the
+batches of a DataModule's loader as Lightning hands them to the model."""
 
 from __future__ import annotations
 
 import pickle
 import struct
 import tarfile
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from PIL import Image
 from torchvision import datasets
 
@@ -92,3 +97,14 @@ def unpack_cifar_jpegs(dest: Path, per_class: int) -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(archive.extractfile(member).read())
     return dest
+
+
+def fed(dm: Any, loader: Iterable[Any], device: str = "cpu") -> list[Any]:
+    """Every batch of ``loader`` as the model gets it: moved to ``device``, then the DataModule's
+    ``on_after_batch_transfer`` (which converts and normalises the uint8 batches of the DataLoader path)."""
+    return [dm.on_after_batch_transfer(move_data_to_device(batch, torch.device(device)), 0) for batch in loader]
+
+
+def first_fed(dm: Any, loader: Iterable[Any]) -> Any:
+    """The first batch of ``loader`` as the model gets it (see :func:`fed`)."""
+    return fed(dm, [next(iter(loader))])[0]

@@ -3,22 +3,26 @@ JSON, `resnet-lit benchmark`, and the timing callbacks. No timing assertions."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
 
 from fakedata import write_image_folder
-from resnet_lit.bench import StepTimer, TimeToAccuracy, main
+from resnet_lit.bench import BenchConfig, StepTimer, TimeToAccuracy, main
+from resnet_lit.bench.fit import fit_config, run_fit
 from resnet_lit.cli import main as cli_main
 from resnet_lit.data import SyntheticDataModule
 from resnet_lit.models import NetworkConfig
 from resnet_lit.module import ResNetClassifier
 
 REPO = Path(__file__).resolve().parents[1]
+measure_module = importlib.import_module("resnet_lit.bench.measure")  # the package exports a function `measure`
 TINY = ["--model", "resnet20", "--image-size", "8", "--batch-size", "4", "--warmup", "1", "--steps", "2"]
 
 
@@ -87,10 +91,13 @@ def test_bad_arguments_exit_with_a_message() -> None:
         main(["--precision", "fp8"])
 
 
-def _tiny_fit(tmp_path: Path, callback: L.Callback, num_samples: int = 12, max_epochs: int = -1) -> L.Trainer:
+def _tiny_fit(
+    tmp_path: Path, callback: L.Callback, num_samples: int = 12, max_epochs: int = -1, **trainer_args: Any
+) -> L.Trainer:
     trainer = L.Trainer(accelerator="cpu", max_epochs=max_epochs, max_steps=100, default_root_dir=tmp_path,
                         callbacks=[callback], enable_progress_bar=False, enable_model_summary=False,
-                        logger=False, enable_checkpointing=False, use_distributed_sampler=False)  # fmt: skip
+                        logger=False, enable_checkpointing=False, use_distributed_sampler=False,
+                        **trainer_args)  # fmt: skip
     model = ResNetClassifier(net=NetworkConfig(layers=[1], widths=[4], strides=[1], stem_width=4))
     data = SyntheticDataModule(image_size=8, num_samples=num_samples, num_val_samples=8, batch_size=4,
                                loader="device")  # fmt: skip
@@ -126,10 +133,72 @@ def test_interleaved_and_sequential_runs_time_the_same_steps(tmp_path: Path, int
 
 
 def test_training_step_keeps_per_step_work_off_the_host_device_path(tmp_path: Path) -> None:
-    """train/loss per step without a progress-bar sync, the bar's `loss` a CPU copy, train/acc once per epoch."""
+    """train/loss at logging steps without a progress-bar sync, the bar's `loss` a CPU copy, train/acc once per
+    epoch."""
     timer = StepTimer(warmup=1, steps=2)
-    trainer = _tiny_fit(tmp_path, timer)
+    trainer = _tiny_fit(tmp_path, timer, log_every_n_steps=1)
     assert "train/loss" not in trainer.progress_bar_metrics and "loss" in trainer.progress_bar_metrics
     assert {"train/loss", "train/acc"} <= set(trainer.callback_metrics)
     model = trainer.lightning_module
     assert model.train_metrics["acc"].update_count == 0  # logged at the epoch end, then reset
+
+
+# --- issue 11: results survive a time limit; nothing but training steps in the timed windows ----------------
+
+
+def test_json_is_rewritten_after_every_run_so_a_killed_benchmark_keeps_the_finished_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`timeout` sends SIGTERM, which `fit` turns into a preemption exit (143): the loop run before it is kept."""
+
+    def preempted_fit(cfg: BenchConfig, warmup: int, steps: int) -> None:
+        raise SystemExit(143)
+
+    monkeypatch.setitem(measure_module.RUN, "fit", preempted_fit)
+    out = tmp_path / "partial.json"
+    with pytest.raises(SystemExit):
+        main([*TINY, "--runners", "loop,fit", "--repeats", "1", "--no-interleave", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["complete"] is False
+    assert [m["runner"] for m in data["measurements"]] == ["loop"] and data["results"][0]["images_per_s"] > 0
+
+
+def test_fit_runner_validates_nothing_and_saves_no_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"validation_step": 0, "save_checkpoint": 0}
+
+    def counting(name: str, original: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    validation_step = counting("validation_step", ResNetClassifier.validation_step)
+    monkeypatch.setattr(ResNetClassifier, "validation_step", validation_step)
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", counting("save_checkpoint", L.Trainer.save_checkpoint))
+    result = run_fit(BenchConfig(model="resnet20", image_size=8, batch_size=4), warmup=1, steps=2)
+    assert result.steps == 2 and result.seconds > 0
+    assert calls == {"validation_step": 0, "save_checkpoint": 0}
+
+
+def test_gpu_suite_resnet50_window_fits_in_one_epoch(tmp_path: Path) -> None:
+    """The suite's ResNet-50 runs (224 px, batch 256, 6 warm-up + 20 timed steps) never cross an epoch end."""
+    cfg = BenchConfig(model="resnet50", image_size=224, batch_size=256, precision="bf16-mixed", device="cuda")
+    data = fit_config(cfg, warmup=6, steps=20, root=str(tmp_path))["data"]["init_args"]
+    assert data["num_samples"] // data["batch_size"] >= 6 + 20
+
+
+def test_time_to_accuracy_stops_when_its_schedule_cannot_fit_the_time_cap(tmp_path: Path) -> None:
+    output = tmp_path / "tta.json"
+    callback = TimeToAccuracy(target=2.0, output=str(output), max_seconds=1e-3)  # 2.0: never reached
+    trainer = _tiny_fit(tmp_path, callback, max_epochs=30)
+    data = json.loads(output.read_text())
+    assert trainer.current_epoch == 2 and len(data["history"]) == 2  # stopped at the second validation
+    assert data["schedule_fits"] is False and data["projected_seconds"] > data["max_seconds"]
+    assert data["stopped"].startswith("the schedule of 90 steps would end after about")
+    assert "beyond the time cap of 0 s" in data["stopped"]
+
+    fits = TimeToAccuracy(target=2.0, output=str(output), max_seconds=1e6)
+    _tiny_fit(tmp_path, fits, max_epochs=2)
+    data = json.loads(output.read_text())
+    assert len(data["history"]) == 2 and data["schedule_fits"] is True and data["stopped"] is None

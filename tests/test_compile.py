@@ -104,7 +104,7 @@ def test_fit_with_compile_runs_training_and_validation(tmp_path: Path) -> None:
     cli = ResNetLitCLI(args=[
         "fit", "--trainer.accelerator", "cpu", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1",
         "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",
-        "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.log_every_n_steps", "1", "--trainer.default_root_dir", str(tmp_path),
         "--model.arch", "resnet20", "--model.compile", "true", "--model.net.layers", "[1, 1, 1]",
         "--model.net.widths", "[4, 8, 8]", "--model.net.stem_width", "4", "--model.net.drop_path", "0.1",
         "--data", "resnet_lit.data.SyntheticDataModule", "--data.image_size", "16", "--data.num_samples", "24",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,35 @@ def test_fast_dev_run_on_cpu(config: Path, tmp_path: Path, monkeypatch: pytest.M
     assert cli.trainer.state.finished
     assert cli.trainer.global_step == 1
     assert cli.model.hparams.arch == yaml.safe_load(config.read_text())["model"]["arch"]
+
+
+def test_r50_uses_per_gpu_batchnorm_and_cudnn_autotuning(capsys: pytest.CaptureFixture[str]) -> None:
+    """SyncBatchNorm syncs the host in every layer and breaks compile graphs; the recipe it follows does without."""
+    config = CONFIGS_DIR / "r50.yaml"
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--print_config"])
+    trainer = yaml.safe_load(capsys.readouterr().out)["trainer"]
+    assert trainer["sync_batchnorm"] is False and trainer["benchmark"] is True
+    lines = config.read_text().splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith("sync_batchnorm:"))
+    comment = " ".join(line.strip() for line in lines[at - 3 : at])
+    assert "per GPU" in comment and "#161302" in comment  # when to turn it on, and why not by default
+
+
+def test_slurm_script_gives_every_srun_task_its_cpus(tmp_path: Path) -> None:
+    """Since Slurm 22.05 srun does not inherit --cpus-per-task: the script must pass it on (SRUN_CPUS_PER_TASK)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_srun = bin_dir / "srun"
+    fake_srun.write_text(f'#!/bin/sh\nenv > "{tmp_path / "srun.env"}"\necho "$@" > "{tmp_path / "srun.args"}"\n')
+    fake_srun.chmod(0o755)
+    slurm = {"SLURM_CPUS_PER_TASK": "10", "SLURM_NTASKS_PER_NODE": "8", "SLURM_JOB_NUM_NODES": "2"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_"))}
+    script = CONFIGS_DIR / "slurm" / "r50.sbatch"
+    subprocess.run(["bash", str(script)], env={**env, **slurm, "PATH": f"{bin_dir}:{env['PATH']}"}, check=True,
+                   cwd=tmp_path)  # fmt: skip
+    seen = dict(line.split("=", 1) for line in (tmp_path / "srun.env").read_text().splitlines() if "=" in line)
+    assert seen.get("SRUN_CPUS_PER_TASK") == "10"
+    assert "--trainer.devices 8" in (tmp_path / "srun.args").read_text()
+    text = script.read_text()
+    assert "GLOO_SOCKET_IFNAME" in text and "NCCL_SOCKET_IFNAME" in text and "NCCL_DEBUG=INFO" in text

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from fakedata import fed, first_fed
 from resnet_lit.data import CorruptImageError, DataConfigError, ImageFolderDataModule
 
 CIFAR_JPG_TAR = Path("/work/shared/data/cifar10-jpg-train.tar.gz")
@@ -44,11 +45,11 @@ def test_batches_split_and_predict(tmp_path: Path) -> None:
     dm.setup("fit")
     splits = dm.splits()
     assert (len(splits.train), len(splits.val), splits.test) == (6, 2, None)
-    x, y = next(iter(dm.train_dataloader()))
+    x, y = first_fed(dm, dm.train_dataloader())
     assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
-    x, y = next(iter(dm.val_dataloader()))
+    x, y = first_fed(dm, dm.val_dataloader())
     assert x.shape == (2, 3, 16, 16)
-    images, paths = next(iter(dm.predict_dataloader()))
+    images, paths = first_fed(dm, dm.predict_dataloader())
     assert images.shape == (2, 3, 16, 16)
     assert all(p.endswith(".png") and "nested" in p for p in paths)
 
@@ -61,7 +62,7 @@ def test_val_and_test_folders_are_used(tmp_path: Path) -> None:
     dm = _module(root)
     splits = dm.splits()
     assert (len(splits.train), len(splits.val), len(splits.test)) == (8, 2, 2)
-    assert next(iter(dm.test_dataloader()))[0].shape == (2, 3, 16, 16)
+    assert first_fed(dm, dm.test_dataloader())[0].shape == (2, 3, 16, 16)
 
 
 @pytest.mark.parametrize(
@@ -113,7 +114,7 @@ def test_corrupt_image_error_names_the_file(tmp_path: Path, num_workers: int) ->
 def test_skip_corrupt_replaces_and_counts(tmp_path: Path, num_workers: int) -> None:
     _make_corrupt_tree(tmp_path)
     dm = _module(tmp_path, val_fraction=0.0, num_workers=num_workers, batch_size=5, skip_corrupt=True)
-    batches = list(dm.train_dataloader())
+    batches = fed(dm, dm.train_dataloader())
     assert [x.shape[0] for x, _ in batches] == [5, 5]
     assert dm.corrupt_skipped == 2
     list(dm.train_dataloader())
@@ -144,9 +145,9 @@ def test_real_cifar_jpegs_with_cifar_style(tmp_path: Path) -> None:
         str(root), transform_style="cifar", image_size=32, batch_size=16, val_fraction=0.1, num_workers=2
     )
     assert dm.num_classes == 10 and "airplane" in dm.class_names
-    x, y = next(iter(dm.train_dataloader()))
+    x, y = first_fed(dm, dm.train_dataloader())
     assert x.shape == (16, 3, 32, 32) and y.dtype == torch.int64
     assert abs(float(x.mean())) < 1.0  # normalized
-    xv, _ = next(iter(dm.val_dataloader()))
+    xv, _ = first_fed(dm, dm.val_dataloader())
     assert xv.shape[1:] == (3, 32, 32)
     assert len(dm.splits().val) == 20

@@ -68,10 +68,16 @@ def _synthetic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ImageDataModu
 
 def _cifar_on_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ImageDataModule:
     write_fake_cifar10(tmp_path, monkeypatch, per_batch=13, num_test=4)  # 65 images: 8 batches, one dropped item
-    return CIFAR10DataModule(data_dir=str(tmp_path), batch_size=8, seed=3, loader="device")
+    return CIFAR10DataModule(data_dir=str(tmp_path), batch_size=8, seed=3, loader="device", random_erasing=0.5)
 
 
-DATAMODULES = {"dataloader-trivialaugment": _synthetic, "device-cifar-crop-flip": _cifar_on_device}
+def _cifar_uint8_loader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ImageDataModule:
+    """The DataLoader path of a uint8 dataset: crop and flip in the workers, random erasing after the transfer."""
+    write_fake_cifar10(tmp_path, monkeypatch, per_batch=13, num_test=4)
+    return CIFAR10DataModule(data_dir=str(tmp_path), batch_size=8, seed=3, random_erasing=0.5)
+
+
+DATAMODULES = {"dataloader-trivialaugment": _synthetic, "device-cifar-crop-flip-erasing": _cifar_on_device}
 
 
 def _fit(
@@ -127,6 +133,21 @@ def test_a_resumed_fit_trains_on_the_uninterrupted_batches(
     assert not [w for w in caught if UNRESUMABLE in str(w.message)]  # Lightning sees a resumable loader
 
     assert sorted(resumed.seen) == list(range(resume_at, 3 * STEPS_PER_EPOCH))
+    for step, (x, y) in resumed.seen.items():
+        assert torch.equal(x, uninterrupted.seen[step][0]) and torch.equal(y, uninterrupted.seen[step][1]), step
+
+
+def test_a_resumed_fit_on_uint8_batches_erased_on_the_device_trains_on_the_uninterrupted_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Random erasing after the transfer draws from the sample seeds only: a resume mid-epoch sees the same pixels."""
+    uninterrupted = _fit(_cifar_uint8_loader(tmp_path / "data", monkeypatch), tmp_path / "full", EVERY_STEP)
+    assert any((x == 0).flatten(1).sum(1).gt(16).any() for x, _ in uninterrupted.seen.values())  # erased rectangles
+    folder = tmp_path / "run"
+    _fit(_cifar_uint8_loader(tmp_path / "data", monkeypatch), folder, EVERY_STEP, crash_at=11)
+    resumed = _fit(_cifar_uint8_loader(tmp_path / "data", monkeypatch), folder, EVERY_STEP,
+                   ckpt_path=str(folder / "last.ckpt"))  # fmt: skip
+    assert sorted(resumed.seen) == list(range(11, 3 * STEPS_PER_EPOCH))
     for step, (x, y) in resumed.seen.items():
         assert torch.equal(x, uninterrupted.seen[step][0]) and torch.equal(y, uninterrupted.seen[step][1]), step
 

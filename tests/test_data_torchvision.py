@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fakedata import write_fake_cifar10, write_fake_mnist
+from fakedata import fed, first_fed, write_fake_cifar10, write_fake_mnist
 from resnet_lit.data import (
     CIFAR10DataModule,
     CIFAR100DataModule,
@@ -27,11 +27,11 @@ def test_cifar10_shapes_classes_and_official_test_as_val(tmp_path: Path, monkeyp
     dm.setup("fit")
     splits = dm.splits()
     assert (len(splits.train), len(splits.val), len(splits.test)) == (5 * PER_BATCH, NUM_TEST, NUM_TEST)
-    x, y = next(iter(dm.train_dataloader()))
+    x, y = first_fed(dm, dm.train_dataloader())
     assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
-    xv, _ = next(iter(dm.val_dataloader()))
+    xv, _ = first_fed(dm, dm.val_dataloader())
     assert xv.shape == (8, 3, 32, 32)
-    assert sum(len(b[1]) for b in dm.test_dataloader()) == NUM_TEST
+    assert sum(len(b[1]) for b in fed(dm, dm.test_dataloader())) == NUM_TEST
 
 
 def test_cifar10_val_fraction_holds_out_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -61,8 +61,8 @@ def test_mnist_family_reads_idx_files(tmp_path: Path, module_cls: type[MNISTData
     assert (dm.num_classes, dm.in_channels, len(dm.class_names)) == (10, 1, 10)
     splits = dm.splits()
     assert (len(splits.train), len(splits.val), len(splits.test)) == (18, 6, 8)
-    x, y = next(iter(dm.train_dataloader()))
+    x, y = first_fed(dm, dm.train_dataloader())
     assert x.shape == (4, 1, 36, 36) and y.dtype == torch.int64
-    assert next(iter(dm.test_dataloader()))[0].shape == (4, 1, 36, 36)
+    assert first_fed(dm, dm.test_dataloader())[0].shape == (4, 1, 36, 36)
     native = module_cls(data_dir=str(tmp_path), batch_size=4)
-    assert next(iter(native.val_dataloader()))[0].shape[1:] == (1, 28, 28)
+    assert first_fed(native, native.val_dataloader())[0].shape[1:] == (1, 28, 28)

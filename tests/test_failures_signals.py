@@ -166,7 +166,7 @@ def _trainer() -> pl.Trainer:
 
 def test_ranks_agree_on_ctrl_c_as_on_sigterm_and_sigterm_outranks_it(monkeypatch: pytest.MonkeyPatch) -> None:
     others: list[int] = []  # what the other ranks contribute to the all-reduce(max)
-    monkeypatch.setattr(preemption, "host_max", lambda trainer, value, group: max([value, *others]))
+    monkeypatch.setattr(preemption, "host_max_each", lambda trainer, values, group: [max(values[0], *others), 0])
     monkeypatch.setattr(preemption, "save_last_checkpoint", lambda trainer: "last.ckpt")
     trainer, handler = _trainer(), PreemptionHandler()
     handler.on_train_start(trainer, None)  # type: ignore[arg-type]

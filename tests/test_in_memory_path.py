@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
-from fakedata import unpack_cifar_jpegs, write_fake_cifar10, write_fake_mnist, write_image_folder
+from fakedata import fed, unpack_cifar_jpegs, write_fake_cifar10, write_fake_mnist, write_image_folder
 from resnet_lit.cli import ResNetLitCLI
 from resnet_lit.data import (
     CIFAR10DataModule,
@@ -54,11 +54,11 @@ def assert_same_loaders(make) -> None:
         standard_train, device_train = standard.train_dataloader(), device.train_dataloader()
         standard.train_sampler.set_epoch(epoch)
         device.train_sampler.set_epoch(epoch)
-        assert_same_batches(list(standard_train), device_batches(device, device_train))
+        assert_same_batches(fed(standard, standard_train), device_batches(device, device_train))
     if standard.splits().val is not None:
-        assert_same_batches(list(standard.val_dataloader()), device_batches(device, device.val_dataloader()))
+        assert_same_batches(fed(standard, standard.val_dataloader()), device_batches(device, device.val_dataloader()))
     if standard.splits().test is not None:
-        assert_same_batches(list(standard.test_dataloader()), device_batches(device, device.test_dataloader()))
+        assert_same_batches(fed(standard, standard.test_dataloader()), device_batches(device, device.test_dataloader()))
 
 
 def test_sample_seeds_match_the_python_hash_bit_for_bit() -> None:
@@ -96,8 +96,8 @@ def test_cifar_eval_batches_equal_the_standard_path(tmp_path: Path, monkeypatch:
                               loader=loader)
             for loader in ("dataloader", "device")
         )  # fmt: skip
-        assert_same_batches(list(standard.val_dataloader()), device_batches(device, device.val_dataloader()))
-        assert_same_batches(list(standard.test_dataloader()), device_batches(device, device.test_dataloader()))
+        assert_same_batches(fed(standard, standard.val_dataloader()), device_batches(device, device.val_dataloader()))
+        assert_same_batches(fed(standard, standard.test_dataloader()), device_batches(device, device.test_dataloader()))
 
 
 def test_image_folder_jpegs_decode_to_the_standard_batches(tmp_path: Path) -> None:
@@ -107,7 +107,7 @@ def test_image_folder_jpegs_decode_to_the_standard_batches(tmp_path: Path) -> No
                               eval_batch_size=4, loader=loader)
         for loader in ("dataloader", "device")
     )  # fmt: skip
-    assert_same_batches(list(standard.val_dataloader()), device_batches(device, device.val_dataloader()))
+    assert_same_batches(fed(standard, standard.val_dataloader()), device_batches(device, device.val_dataloader()))
 
 
 def _padded(image: torch.Tensor, padding: int = 4) -> torch.Tensor:
@@ -196,8 +196,6 @@ def test_device_loaders_shard_like_the_standard_samplers() -> None:
 def test_unsupported_settings_are_config_errors() -> None:
     with pytest.raises(DataConfigError, match="augment: none"):
         SyntheticDataModule(loader="device", augment="trivialaugment")
-    with pytest.raises(DataConfigError, match="random_erasing"):
-        SyntheticDataModule(loader="device", random_erasing=0.25)
     with pytest.raises(DataConfigError, match="transform styles"):
         ImageFolderDataModule(root="unused", transform_style="imagenet", loader="device")
     with pytest.raises(DataConfigError, match="'dataloader' or 'device'"):
@@ -211,7 +209,7 @@ def test_real_cifar_jpegs_in_memory(tmp_path: Path) -> None:
                               val_fraction=0.25, num_workers=0, loader=loader)
         for loader in ("dataloader", "device")
     )  # fmt: skip
-    assert_same_batches(list(standard.val_dataloader()), device_batches(device, device.val_dataloader()))
+    assert_same_batches(fed(standard, standard.val_dataloader()), device_batches(device, device.val_dataloader()))
     assert device.backend.store(device.splits()).split("train", torch.device("cpu")).images.dtype == torch.uint8
 
 

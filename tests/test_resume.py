@@ -325,7 +325,7 @@ def test_slurm_requeue_signal_saves_requeues_through_scontrol_and_resumes(
 
 
 class _FakeTrainer:
-    global_step, current_epoch, is_global_zero = 7, 0, True
+    global_step, current_epoch, is_global_zero, loggers = 7, 0, True, ()
 
 
 def test_preemption_is_agreed_over_ranks_and_requeue_outranks_sigterm(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -334,7 +334,7 @@ def test_preemption_is_agreed_over_ranks_and_requeue_outranks_sigterm(monkeypatc
     saved: list[int] = []
     requeued: list[int] = []
     others: list[int] = []  # what the other ranks contribute to the all-reduce(max)
-    monkeypatch.setattr(preemption, "host_max", lambda trainer, value, group: max([value, *others]))
+    monkeypatch.setattr(preemption, "host_max_each", lambda trainer, values, group: [max(values[0], *others), 0])
     monkeypatch.setattr(preemption, "save_last_checkpoint", lambda trainer: saved.append(1) or "last.ckpt")
     monkeypatch.setattr(preemption, "requeue_slurm_job", lambda: requeued.append(1) or 0)
     handler = PreemptionHandler()
@@ -354,3 +354,32 @@ def test_preemption_is_agreed_over_ranks_and_requeue_outranks_sigterm(monkeypatc
     with pytest.raises(Preempted) as stop:
         handler._maybe_stop(_FakeTrainer())
     assert stop.value.code == 128 + signal.SIGUSR1 and requeued == [1]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_ranks_leave_only_after_rank_zeros_requeue(monkeypatch: pytest.MonkeyPatch, rank: int) -> None:
+    """Under `srun --kill-on-bad-exit` the first task to exit with a failure status (138) ends the others: a
+    rank that left while rank 0 still ran `scontrol requeue` could lose the requeue. Two ranks, simulated at
+    the level of torch.distributed calls on the preemption handler's host group."""
+    import torch.distributed as dist
+
+    import resnet_lit.fault_tolerance.preemption as preemption
+
+    events: list[str] = []
+
+    def all_reduce(tensor: torch.Tensor, op: object = None, group: object = None) -> None:
+        tensor[0] = max(int(tensor[0]), signal.SIGUSR1 + preemption._REQUEUE_RANK)  # the other rank's signal
+        events.append("agree")
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(dist, "barrier", lambda group=None: events.append("barrier"))
+    monkeypatch.setattr(preemption, "save_last_checkpoint", lambda trainer: events.append("save") or "last.ckpt")
+    monkeypatch.setattr(preemption, "requeue_slurm_job", lambda: events.append("requeue") or 0)
+    handler = PreemptionHandler()
+    handler._requeue_signum, handler._group = signal.SIGUSR1, object()  # SLURM; the gloo group of two ranks
+    trainer = _FakeTrainer()
+    trainer.is_global_zero = rank == 0
+    with pytest.raises(Preempted) as stop:
+        handler._maybe_stop(trainer)
+    assert stop.value.code == 128 + signal.SIGUSR1
+    assert events == (["agree", "save", "requeue", "barrier"] if rank == 0 else ["agree", "save", "barrier"])

@@ -12,6 +12,11 @@
 # (status 143); torchrun kills them 30 s after its own SIGTERM, so keep steps plus one save below that.
 # A run that stops on a non-finite loss (model.nonfinite_loss: stop) stops again after each restart:
 # fix the cause, then start again with the same command.
+# Networking: on several nodes whose hostname resolves to 127.0.0.1, set GLOO_SOCKET_IFNAME (resnet-lit's gloo
+# group for preemption signals) and NCCL_SOCKET_IFNAME to the interface the nodes talk over (e.g. eth0);
+# NCCL_DEBUG=INFO logs what NCCL picked when a run hangs or is slow. Inside a SLURM allocation, start this with
+# `srun --ntasks-per-node=1 --cpus-per-task=<all of the node's CPUs>` and export SRUN_CPUS_PER_TASK (Slurm >=
+# 22.05), or the workers and their data loaders share one core. Details: configs/slurm/r50.sbatch.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from resnet_lit.bench.config import MEMORY_FORMATS, PRECISIONS, RUNNERS, BenchConfig
+from resnet_lit.bench.config import MEMORY_FORMATS, PRECISIONS, RUNNERS, BenchConfig, Measurement
 from resnet_lit.bench.measure import measure
 from resnet_lit.bench.report import format_table, machine_info, summarize
 
@@ -87,6 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"load average {info['load_average']}",
         file=sys.stderr,
     )
+    command = " ".join(["resnet-lit benchmark", *(argv if argv is not None else sys.argv[1:])])
+
+    def write_json(measurements: list[Measurement], complete: bool) -> None:
+        write_results(args.json, command, args, info, measurements, complete)
+
     measurements = measure(
         configurations(args, device),
         args.runners,
@@ -95,24 +100,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         repeats=args.repeats,
         interleave=args.interleave,
         log=lambda line: print(line, file=sys.stderr, flush=True),
+        on_measurement=(lambda done: write_json(done, complete=False)) if args.json else None,
     )
-    summaries = summarize(measurements)
-    print(format_table(summaries))
+    print(format_table(summarize(measurements)))
     if args.json:
-        info["load_average_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
-        result = {
-            "command": " ".join(["resnet-lit benchmark", *(argv if argv is not None else sys.argv[1:])]),
-            "machine": info,
-            "warmup": args.warmup,
-            "steps": args.steps,
-            "repeats": args.repeats,
-            "results": [{**asdict(s), "config": asdict(s.config)} for s in summaries],
-            "measurements": [{**asdict(m), "config": asdict(m.config)} for m in measurements],
-        }
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        write_json(measurements, complete=True)
         print(f"# wrote {args.json}", file=sys.stderr)
     return 0
+
+
+def write_results(
+    path: str,
+    command: str,
+    args: argparse.Namespace,
+    info: dict[str, Any],
+    measurements: list[Measurement],
+    complete: bool,
+) -> None:
+    """The JSON of a benchmark: every run, the medians and ratios of the runs so far, and the machine.
+
+    Written after every run (``complete`` false until the last), by replacing the file, so that a benchmark
+    killed by a time limit keeps every finished run and the file always parses.
+    """
+    info = {**info, "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    result = {
+        "command": command,
+        "complete": complete,
+        "machine": info,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "results": [{**asdict(s), "config": asdict(s.config)} for s in summarize(measurements)],
+        "measurements": [{**asdict(m), "config": asdict(m.config)} for m in measurements],
+    }
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(temporary, path)
 
 
 def configurations(args: argparse.Namespace, device: str) -> list[BenchConfig]:

@@ -1,4 +1,11 @@
-"""The `fit` runner: `resnet-lit fit` itself, with all of its defaults, timed by `StepTimer` from inside."""
+"""The `fit` runner: `resnet-lit fit` itself, with its defaults, timed by `StepTimer` from inside.
+
+Every default callback, the logger and the progress bar run, so their per-step cost is measured. What a run
+does between epochs is not part of a training step's cost, and on a GPU loan it eats the budget: the runner
+turns validation off (`limit_val_batches: 0`) and lets the checkpoint callback save nothing (no `last.ckpt`,
+no epoch-end or interval saves; its per-step hook still runs). The timed steps fit in one epoch where the
+synthetic data set fits in `SYNTHETIC_DATA_BYTES`.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +22,14 @@ from resnet_lit.bench.loop import LoopStepper
 from resnet_lit.bench.pipeline import folder_data_args, synthetic_data_args
 from resnet_lit.bench.timing import StepTimer
 from resnet_lit.training_cli import ResNetLitCLI
+
+# How much synthetic float32 data the `fit` runner generates (on the host, then held on the device): enough
+# batches for warm-up and timed steps in one epoch where this allows. 4 GiB on GPUs is 26 batches of
+# ResNet-50 at 224 px and batch 256 (a few seconds to generate); 2 GiB on CPUs.
+SYNTHETIC_DATA_BYTES = {"cpu": 2 << 30, "cuda": 4 << 30}
+
+# The checkpoint callback with every save turned off: no `last.ckpt`, no epoch-end, interval or top-k files.
+NO_CHECKPOINTS = {"save_last": False, "save_top_k": 0, "every_n_epochs": 0, "every_n_train_steps": None}
 
 
 def run_fit(cfg: BenchConfig, warmup: int, steps: int) -> RunResult:
@@ -54,16 +69,18 @@ def run_fit_and_loop(cfg: BenchConfig, warmup: int, steps: int, with_loop: bool 
 
 
 def fit_config(cfg: BenchConfig, warmup: int, steps: int, root: str) -> dict[str, Any]:
-    """The `resnet-lit fit` config of a run: the defaults, plus the data, model and precision of ``cfg``."""
+    """The `resnet-lit fit` config of a run: the defaults, plus the data, model and precision of ``cfg``, without
+    validation and without checkpoint saves (neither belongs to a training step; see the module docstring)."""
+    on_gpu = cfg.device.startswith("cuda")
     if cfg.data == "synthetic":
         # Enough batches that the timed steps fit in one epoch where memory allows; otherwise StepTimer
-        # skips the steps that span epoch boundaries.
+        # leaves out the steps that span epoch boundaries.
         per_image = 3 * cfg.image_size**2 * 4
-        num_batches = max(2, min(warmup + steps + 1, (2 << 30) // (per_image * cfg.batch_size)))
+        data_bytes = SYNTHETIC_DATA_BYTES["cuda" if on_gpu else "cpu"]
+        num_batches = max(2, min(warmup + steps + 1, data_bytes // (per_image * cfg.batch_size)))
         data = {"class_path": "resnet_lit.data.SyntheticDataModule", "init_args": synthetic_data_args(cfg, num_batches)}
     else:
         data = {"class_path": "resnet_lit.data.ImageFolderDataModule", "init_args": folder_data_args(cfg)}
-    on_gpu = cfg.device.startswith("cuda")
     return {
         "seed_everything": 0,
         "trainer": {
@@ -72,12 +89,14 @@ def fit_config(cfg: BenchConfig, warmup: int, steps: int, root: str) -> dict[str
             "precision": cfg.precision,
             "max_epochs": -1,
             "max_steps": 10**9,  # StepTimer stops the run
+            "limit_val_batches": 0,  # no validation (nor sanity check) between or after the timed steps
             "default_root_dir": root,
             "benchmark": cfg.cudnn_benchmark if on_gpu else None,
             "callbacks": [
                 {"class_path": "resnet_lit.bench.StepTimer", "init_args": {"warmup": warmup, "steps": steps}}
             ],
         },
+        "checkpoint": dict(NO_CHECKPOINTS),
         "model": {"arch": cfg.model, "channels_last": cfg.memory_format == "channels_last", "compile": cfg.compile},
         "data": data,
     }

@@ -29,8 +29,12 @@ def measure(
     repeats: int,
     interleave: bool = True,
     log: Any = print,
+    on_measurement: Callable[[list[Measurement]], None] | None = None,
 ) -> list[Measurement]:
     """Run every (config, runner) ``repeats`` times: repeat 1 of all, then repeat 2 of all, ...
+
+    ``on_measurement`` gets the measurements so far after each run (e.g. to write them out, so that a run
+    killed later, say by `timeout`, keeps the finished ones).
 
     With ``interleave`` (CPU only) the runs also take turns step by step: the hand-written loop runs one step
     after each step of ``fit`` (in the same process, timed apart), and loop-only comparisons of several
@@ -48,6 +52,8 @@ def measure(
             f"[{repeat + 1}/{repeats}] {runner:<8} {cfg.label()}: {rate:,.1f} images/s"
             + (f" (faster half of the steps: {quiet:,.1f})" if quiet else "")
         )
+        if on_measurement is not None:
+            on_measurement(measurements)
 
     interleave = interleave and all(torch.device(cfg.device).type == "cpu" for cfg in configs)
     for repeat in range(repeats):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -139,19 +140,34 @@ class StepTimer(L.Callback):
 class TimeToAccuracy(L.Callback):
     """Records wall time at every validation and stops training once ``monitor`` reaches ``target``.
 
-    Writes ``output`` (JSON) after every validation: the seconds since training started (``on_train_start``,
-    i.e. after data loading and setup), the epoch, the metric, and the first time the target was reached.
+    Writes ``output`` (JSON, replaced atomically) after every validation, so a run that is killed keeps what
+    it measured: the seconds since training started (``on_train_start``, i.e. after data loading and setup),
+    the epoch, the metric, and the first time the target was reached.
+
+    ``max_seconds``, the time cap of the run, is checked against the schedule: a learning-rate schedule that
+    is cut off by the cap (a cosine still at a high rate) says nothing about the recipe's time to accuracy. From
+    the second validation on (the first epoch includes autotuning and other one-off work), the pace since the
+    previous validation projects the end of the run's schedule (``trainer.estimated_stepping_batches``); when
+    that lies beyond ``max_seconds``, the run stops there and the JSON says so (``schedule_fits: false``).
     """
 
     def __init__(
-        self, target: float = 0.94, monitor: str = "val/acc", output: str = "time_to_accuracy.json", stop: bool = True
+        self,
+        target: float = 0.94,
+        monitor: str = "val/acc",
+        output: str = "time_to_accuracy.json",
+        stop: bool = True,
+        max_seconds: float | None = None,
     ) -> None:
         self.target = target
         self.monitor = monitor
         self.output = output
         self.stop = stop
+        self.max_seconds = max_seconds
         self.history: list[dict[str, float]] = []
         self.reached_s: float | None = None
+        self.projected_s: float | None = None
+        self.stopped: str | None = None
         self._t0: float | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -173,16 +189,43 @@ class TimeToAccuracy(L.Callback):
             self.reached_s = elapsed
             if self.stop:
                 trainer.should_stop = True
+        elif self.reached_s is None:
+            self._check_schedule(trainer)
         if trainer.is_global_zero:
-            with open(self.output, "w") as f:
-                json.dump(
-                    {
-                        "target": self.target,
-                        "monitor": self.monitor,
-                        "reached_seconds": self.reached_s,
-                        "best": max(h[self.monitor] for h in self.history),
-                        "history": self.history,
-                    },
-                    f,
-                    indent=2,
-                )
+            self._write()
+
+    def _check_schedule(self, trainer: L.Trainer) -> None:
+        """Stop when the rest of the schedule, at the pace since the previous validation, would end after
+        ``max_seconds`` (the pace includes validation; the schedule is the run's optimizer steps)."""
+        total = trainer.estimated_stepping_batches
+        if self.max_seconds is None or len(self.history) < 2 or not math.isfinite(total):
+            return
+        last, previous = self.history[-1], self.history[-2]
+        if last["step"] <= previous["step"]:
+            return
+        per_step = (last["seconds"] - previous["seconds"]) / (last["step"] - previous["step"])
+        self.projected_s = last["seconds"] + per_step * max(0.0, total - last["step"])
+        if trainer.strategy.broadcast(self.projected_s > self.max_seconds):  # rank 0's clock decides for all
+            self.stopped = (
+                f"the schedule of {int(total)} steps would end after about {self.projected_s:.0f} s of training "
+                f"({per_step * 1000:.1f} ms per step), beyond the time cap of {self.max_seconds:.0f} s: "
+                "shorten the schedule (fewer epochs) or raise the cap"
+            )
+            trainer.should_stop = True
+
+    def _write(self) -> None:
+        result = {
+            "target": self.target,
+            "monitor": self.monitor,
+            "reached_seconds": self.reached_s,
+            "best": max(h[self.monitor] for h in self.history),
+            "max_seconds": self.max_seconds,
+            "projected_seconds": self.projected_s,
+            "schedule_fits": None if self.projected_s is None else self.stopped is None,
+            "stopped": self.stopped,
+            "history": self.history,
+        }
+        temporary = f"{self.output}.tmp"
+        with open(temporary, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(temporary, self.output)

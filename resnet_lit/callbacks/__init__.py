@@ -1,5 +1,6 @@
 """Lightning callbacks for users' configs (the fault-tolerance ones live in `resnet_lit.fault_tolerance`)."""
 
 from resnet_lit.callbacks.prediction_writer import PredictionCSVWriter
+from resnet_lit.callbacks.progress_bar import ThrottledProgressBar
 
-__all__ = ["PredictionCSVWriter"]
+__all__ = ["PredictionCSVWriter", "ThrottledProgressBar"]

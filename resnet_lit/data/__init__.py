@@ -5,6 +5,7 @@ from .base import ImageDataModule
 from .datasets import CorruptCounter, ImageFileDataset, SeededTransformDataset
 from .digits import DigitsDataModule
 from .errors import CorruptImageError, DataConfigError
+from .finish import BatchFinisher, RawImages, SeededRawImages
 from .folder import ImageFolderDataModule
 from .loaders import ResumableLoader
 from .predict import PredictFolderDataset
@@ -20,6 +21,7 @@ from .torchvision_sets import (
 )
 
 __all__ = [
+    "BatchFinisher",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "CorruptCounter",
@@ -36,9 +38,11 @@ __all__ = [
     "LoaderBackend",
     "MNISTDataModule",
     "PredictFolderDataset",
+    "RawImages",
     "RawSplits",
     "ResumableLoader",
     "ResumableTrainSampler",
+    "SeededRawImages",
     "SeededTransformDataset",
     "SyntheticDataModule",
     "TorchvisionDataModule",

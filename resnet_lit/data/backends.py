@@ -1,6 +1,10 @@
 """The loader back-end, chosen once from ``loader:``: DataLoaders that transform images one by one in workers, or
 the in-memory device store that transforms whole batches on the training device. Both draw the same samples in
-the same order and resume the same way; the DataModule only talks to the :class:`LoaderBackend` interface."""
+the same order and resume the same way; the DataModule only talks to the :class:`LoaderBackend` interface.
+
+On the DataLoader path the workers of image files and uint8 datasets stop at uint8 images; both back-ends finish
+such batches on the training device after the transfer (:mod:`~resnet_lit.data.finish`), ``predict``'s included.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ from torch.utils.data import Dataset
 from .datasets import SeededTransformDataset
 from .device_store import DeviceImageStore
 from .errors import DataConfigError
+from .finish import BatchFinisher
 from .loaders import DeviceEvalLoader, DeviceTrainLoader, IndexBatch, ResumableLoader, SeededDataLoader, TrainDataLoader
 from .samplers import EvalShardSampler, ResumableTrainSampler
 from .seeds import mix_seed
@@ -63,10 +68,13 @@ class LoaderBackend(Protocol):
     def on_after_batch_transfer(self, batch: Any) -> Any: ...
 
 
-def make_backend(kind: LoaderKind, settings: LoaderSettings, pipeline: ImagePipeline) -> LoaderBackend:
-    """The back-end of ``loader: kind``; a DataConfigError names what ``device`` cannot do."""
+def make_backend(
+    kind: LoaderKind, settings: LoaderSettings, pipeline: ImagePipeline, normalize_on_device: bool = True
+) -> LoaderBackend:
+    """The back-end of ``loader: kind``; a DataConfigError names what ``device`` cannot do. ``normalize_on_device``:
+    the DataLoader workers hand over unnormalised (uint8) images, see :class:`DataLoaderBackend`."""
     if kind == "dataloader":
-        return DataLoaderBackend(settings, pipeline)
+        return DataLoaderBackend(settings, pipeline, normalize_on_device)
     if kind != "device":
         raise DataConfigError(f"loader must be 'dataloader' or 'device', got {kind!r}")
     if pipeline.style not in ("cifar", "plain"):
@@ -74,9 +82,10 @@ def make_backend(kind: LoaderKind, settings: LoaderSettings, pipeline: ImagePipe
             f"loader: device supports the 'cifar' and 'plain' transform styles (fixed-size images), not "
             f"{pipeline.style!r}; use loader: dataloader"
         )
-    if pipeline.augment != "none" or pipeline.random_erasing > 0:
+    if pipeline.augment != "none":
         raise DataConfigError(
-            "loader: device does crop and flip only; set augment: none and random_erasing: 0, or use loader: dataloader"
+            f"loader: device does crop, flip and random erasing only; set augment: none (not {pipeline.augment!r}), "
+            "or use loader: dataloader"
         )
     return DeviceBackend(settings, pipeline)
 
@@ -119,19 +128,27 @@ def _worker_args(settings: LoaderSettings, place: Placement) -> dict[str, Any]:
 
 
 class DataLoaderBackend:
-    """``loader: dataloader``: torch DataLoaders; each sample is decoded and transformed on its own."""
+    """``loader: dataloader``: torch DataLoaders; each sample is decoded and transformed on its own.
 
-    def __init__(self, settings: LoaderSettings, pipeline: ImagePipeline) -> None:
+    With ``normalize_on_device`` (image files, uint8 datasets) the workers stop at uint8 images, geometric
+    augmentation included, and the batch is converted, normalised, randomly erased and made channels_last on the
+    training device; otherwise (float datasets) the workers do all of it.
+    """
+
+    def __init__(self, settings: LoaderSettings, pipeline: ImagePipeline, normalize_on_device: bool = True) -> None:
         self.settings = settings
         self.pipeline = pipeline
+        self.normalize_on_device = normalize_on_device
+        self.finish = BatchFinisher(pipeline)
 
     def setup(self, splits: RawSplits, stage: str | None) -> None:
         """Nothing to prepare: samples are read when a batch is drawn."""
 
     def train_loader(self, splits: RawSplits, place: Placement) -> TrainDataLoader:
         sampler = place.train_sampler(len(splits.train))  # type: ignore[arg-type]
+        raw = self.normalize_on_device
         return TrainDataLoader(
-            SeededTransformDataset(splits.train, self.pipeline.train()),
+            SeededTransformDataset(splits.train, self.pipeline.train(normalize=not raw), raw=raw),
             batch_size=self.settings.batch_size,
             sampler=sampler,
             drop_last=train_drop_last(self.settings, len(sampler), place),
@@ -139,11 +156,13 @@ class DataLoaderBackend:
         )
 
     def eval_loader(self, splits: RawSplits, split: str, place: Placement) -> SeededDataLoader:
-        dataset = SeededTransformDataset(getattr(splits, split), self.pipeline.eval())
+        raw = self.normalize_on_device
+        dataset = SeededTransformDataset(getattr(splits, split), self.pipeline.eval(normalize=not raw), raw=raw)
         return eval_dataloader(dataset, self.settings, place)
 
     def on_after_batch_transfer(self, batch: Any) -> Any:
-        return batch
+        """Finish a batch of raw images on the device it was moved to; other batches pass unchanged."""
+        return self.finish(batch)
 
 
 class DeviceBackend:
@@ -152,6 +171,7 @@ class DeviceBackend:
     def __init__(self, settings: LoaderSettings, pipeline: ImagePipeline) -> None:
         self.settings = settings
         self.pipeline = pipeline
+        self.finish = BatchFinisher(pipeline)  # predict's batches come from a DataLoader
         self._store: tuple[RawSplits, DeviceImageStore] | None = None
 
     def store(self, splits: RawSplits) -> DeviceImageStore:
@@ -180,8 +200,8 @@ class DeviceBackend:
         return DeviceEvalLoader(sampler, self.settings.eval_batch_size, split, device=place.device)
 
     def on_after_batch_transfer(self, batch: Any) -> Any:
-        """Gather, augment and normalise an index batch on the device it was moved to."""
+        """Gather, augment and normalise an index batch on the device it was moved to (and finish predict's)."""
         if not isinstance(batch, IndexBatch):
-            return batch
+            return self.finish(batch)
         assert self._store is not None, "index batches come from loaders of this back-end, which build the store"
         return self._store[1].materialize(batch)

@@ -5,13 +5,14 @@ rest with ``**kwargs`` (jsonargparse lists them all in ``--data.help``) and impl
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 
 from .backends import LoaderBackend, LoaderKind, LoaderSettings, Placement, make_backend
 from .datasets import CorruptCounter
 from .errors import DataConfigError, require_positive
+from .eval_shards import check_eval_shards
 from .loaders import ResumableLoader
 from .predict import PredictDataLoader, PredictFolderDataset, predict_dataloader, warn_predict_skipped
 from .samplers import ResumableTrainSampler
@@ -42,15 +43,17 @@ class ImageDataModule(L.LightningDataModule):
         val_fraction: Seeded share of train held out for validation where the dataset has no val split.
         seed: Seed of the val split, the shuffling and the per-sample augmentation.
         augment: Extra augmentation policy after the geometric one.
-        random_erasing: Probability of RandomErasing after normalisation.
+        random_erasing: Probability of random erasing after normalisation (on the training device for image files and
+            uint8 datasets, drawn from each sample's seed).
         mean: Per-channel normalisation mean (default: the dataset's).
         std: Per-channel normalisation std (default: the dataset's).
         predict_dir: Folder of images for ``predict``.
         skip_corrupt: Go on past undecodable image files instead of failing: ``predict`` leaves them out of its
             output and lists them at the end; image-file datasets replace them by the next decodable sample in
             training and evaluation.
-        loader: ``dataloader`` (per-sample transforms in workers) or ``device`` (the uint8 dataset on the training
-            device, crop and flip per batch there; ``cifar``/``plain`` styles without ``augment``/``random_erasing``).
+        loader: ``dataloader`` (per-sample decoding and geometric transforms in workers, uint8 batches finished on the
+            training device) or ``device`` (the uint8 dataset on the training device, crop, flip and erasing per batch
+            there; ``cifar``/``plain`` styles without ``augment``).
         transform_style: Transform pipeline, see :mod:`~resnet_lit.data.transforms`.
         crop_size: Output image size (None: keep the size; ``plain`` only).
         resize_size: Eval resize before the center crop.
@@ -59,6 +62,9 @@ class ImageDataModule(L.LightningDataModule):
     default_mean: tuple[float, ...] = IMAGENET_MEAN
     default_std: tuple[float, ...] = IMAGENET_STD
     in_channels: int = 3
+    # DataLoader path: the workers hand over uint8 images and the training device converts, normalises and erases
+    # them (image files, uint8 datasets). Float datasets set False: their workers do all of it, as before.
+    normalize_on_device: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -109,7 +115,7 @@ class ImageDataModule(L.LightningDataModule):
             augment,
             random_erasing,
         )
-        self.backend: LoaderBackend = make_backend(loader, self.settings, self.pipeline)
+        self.backend: LoaderBackend = make_backend(loader, self.settings, self.pipeline, self.normalize_on_device)
         self.corrupt_counter = CorruptCounter()
         self.train_sampler: ResumableTrainSampler | None = None
         self._splits: RawSplits | None = None
@@ -159,8 +165,44 @@ class ImageDataModule(L.LightningDataModule):
             self.seed, self.trainer.global_rank, self.trainer.world_size, self.trainer.strategy.root_device
         )
 
+    def predict_dataset(self) -> PredictFolderDataset:
+        """The image files under ``predict_dir`` (uint8 images, finished on the device), listed once per ``predict``
+        run: :meth:`setup` lists them again."""
+        if self.predict_dir is None:
+            raise DataConfigError("set data.predict_dir to a folder of images to run predict")
+        if self._predict_dataset is None:
+            self._predict_dataset = PredictFolderDataset(
+                self.predict_dir,
+                self.pipeline.eval(normalize=False),
+                mode=self.image_mode,
+                skip_corrupt=self.skip_corrupt,
+                raw=True,
+            )
+        return self._predict_dataset
+
+    def check_shards(self, trainer: L.Trainer, stage: str | None) -> None:
+        """Raise a DataConfigError, naming the split and the sizes, when a process of ``trainer`` would get no batch
+        of what ``stage`` evaluates or predicts (see :mod:`~resnet_lit.data.eval_shards`). :meth:`setup` runs it on
+        every process; a launcher can also run it once before it starts them."""
+        noun = "sample"
+        if stage == "predict":
+            what, size, key = f"predict_dir {self.predict_dir!r}", len(self.predict_dataset()), "limit_predict_batches"
+            noun = "image"
+        else:
+            split = {"fit": "val", "validate": "val", "test": "test"}.get(stage or "")
+            dataset = getattr(self.splits(), split) if split is not None else None
+            if dataset is None:
+                return
+            what, size, key = f"the {split} split", len(dataset), f"limit_{split}_batches"
+        batch_size = self.settings.eval_batch_size
+        check_eval_shards(what, size, trainer.world_size, batch_size, key, getattr(trainer, key), noun)
+
     # --- Lightning hooks -------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            self._predict_dataset = None  # list predict_dir anew for this run
+        if self.trainer is not None:
+            self.check_shards(self.trainer, stage)
         if stage != "predict":
             self.backend.setup(self.splits(), stage)
 
@@ -183,20 +225,20 @@ class ImageDataModule(L.LightningDataModule):
         return self.backend.eval_loader(self.splits(), "test", self._placement())
 
     def predict_dataloader(self) -> PredictDataLoader:
-        if self.predict_dir is None:
-            raise DataConfigError("set data.predict_dir to a folder of images to run predict")
-        dataset = PredictFolderDataset(
-            self.predict_dir, self.pipeline.eval(), mode=self.image_mode, skip_corrupt=self.skip_corrupt
-        )
-        self._predict_dataset = dataset
-        return predict_dataloader(dataset, self.settings, self._placement())
+        return predict_dataloader(self.predict_dataset(), self.settings, self._placement())
 
     def teardown(self, stage: str) -> None:
         if stage == "predict" and self.predict_skipped:
             warn_predict_skipped(self.predict_skipped)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        return self.backend.on_after_batch_transfer(batch)
+        """The back-end's batch for the model: uint8 images and index batches become float images here."""
+        finished = self.backend.on_after_batch_transfer(batch)
+        if finished is batch or self.trainer is None:
+            return finished
+        # Lightning cast the batch to the precision's input type (bf16-true, 16-true) before the transfer, when it
+        # held no float images yet: cast what the back-end made.
+        return self.trainer.precision_plugin.convert_input(finished)
 
     def state_dict(self) -> dict[str, Any]:
         """The seed, batch size and world size of the run and the train loader's position."""

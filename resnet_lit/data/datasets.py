@@ -11,6 +11,7 @@ from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
 from .errors import CorruptImageError
+from .finish import RawImages, SeededRawImages
 
 Transform = Callable[[Any], Any]
 
@@ -23,32 +24,41 @@ class SeededTransformDataset(Dataset):
     pair makes augmentation independent of worker count and worker seeding; the previous generator state
     is restored afterwards so the caller's RNG stream (the main process when ``num_workers=0``) is untouched.
     Only ``torch.default_generator`` is touched (not CUDA), which is the RNG torchvision v2 transforms use.
+
+    With ``raw`` the transform leaves the images unnormalised and items are
+    :class:`~resnet_lit.data.finish.RawImages` (eval) or :class:`~resnet_lit.data.finish.SeededRawImages` (with
+    the sample seed, for random erasing on the device), which the default collate keeps as batches of that type.
     """
 
-    def __init__(self, base: Dataset, transform: Transform | None) -> None:
+    def __init__(self, base: Dataset, transform: Transform | None, *, raw: bool = False) -> None:
         self.base = base
         self.transform = transform
+        self.raw = raw
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Any, Any]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Any, ...]:
         if isinstance(item, tuple):
             index, seed = item
         else:
             index, seed = item, None
         image, target = self.base[index]
-        if self.transform is None:
+        if self.transform is not None:
+            image = self._transform(image, seed)
+        if not self.raw:
             return image, target
+        return RawImages(image, target) if seed is None else SeededRawImages(image, target, seed)
+
+    def _transform(self, image: Any, seed: int | None) -> Any:
         if seed is None:
-            return self.transform(image), target
+            return self.transform(image)  # type: ignore[misc]
         saved = torch.default_generator.get_state()
         torch.default_generator.manual_seed(seed)
         try:
-            image = self.transform(image)
+            return self.transform(image)  # type: ignore[misc]
         finally:
             torch.default_generator.set_state(saved)
-        return image, target
 
 
 class CorruptCounter:

@@ -2,9 +2,9 @@
 
 An :class:`~resnet_lit.data.loaders.IndexBatch` becomes ``(images, targets)`` in one batched gather there: the
 CIFAR random crop (zero padding) and flip as index arithmetic seeded by ``(seed, epoch, index)``, then the
-normalisation, so no DataLoader decodes, augments or collates images one by one on the CPU. Without augmentation
-the batches equal the DataLoader path's up to float rounding. Images are stored NHWC: a gathered batch is already
-``channels_last``.
+normalisation and random erasing, so no DataLoader decodes, augments or collates images one by one on the CPU.
+Without crop and flip the batches equal the DataLoader path's (normalisation and erasing are the same code, see
+:mod:`~resnet_lit.data.finish`). Images are stored NHWC: a gathered batch is already ``channels_last``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .dataset_tensors import dataset_tensors
+from .erasing import random_erasing_
 from .loaders import IndexBatch
+from .normalize import Normalizer
 from .seeds import sample_seeds
 from .splits import RawSplits
 from .transforms import ImagePipeline
@@ -39,6 +41,7 @@ class DeviceImageStore:
         mean, std: normalisation per channel (of images scaled to [0, 1]).
         crop_padding: zero padding of the random crop of the ``train`` split; 0 disables the crop.
         flip: random horizontal flip of the ``train`` split.
+        random_erasing: probability of random erasing (after normalisation) of a ``train`` image.
     """
 
     def __init__(
@@ -49,15 +52,15 @@ class DeviceImageStore:
         std: Sequence[float],
         crop_padding: int = 0,
         flip: bool = False,
+        random_erasing: float = 0.0,
     ) -> None:
         self._builders = dict(splits)
         self._cpu: dict[str, SplitTensors] = {}
         self._on_device: dict[tuple[str, str], SplitTensors] = {}
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
+        self.normalize = Normalizer(mean, std)
         self.crop_padding = crop_padding
         self.flip = flip
-        self._affine: dict[tuple[str, torch.dtype, int], tuple[Tensor, Tensor]] = {}
+        self.random_erasing = random_erasing
 
     @classmethod
     def from_splits(cls, splits: RawSplits, pipeline: ImagePipeline, num_workers: int = 0) -> DeviceImageStore:
@@ -79,7 +82,14 @@ class DeviceImageStore:
             if (dataset := getattr(splits, name)) is not None
         }
         cifar = pipeline.style == "cifar"
-        return cls(builders, mean=pipeline.mean, std=pipeline.std, crop_padding=4 if cifar else 0, flip=cifar)
+        return cls(
+            builders,
+            mean=pipeline.mean,
+            std=pipeline.std,
+            crop_padding=4 if cifar else 0,
+            flip=cifar,
+            random_erasing=pipeline.random_erasing,
+        )
 
     @property
     def split_names(self) -> list[str]:
@@ -116,11 +126,16 @@ class DeviceImageStore:
         """``(normalised float images [B, C, H, W] in channels_last memory, targets [B])`` of an index batch."""
         indices = batch.indices
         data = self.split(batch.split, indices.device)
-        if batch.split == "train" and (self.crop_padding or self.flip):
-            images = self._augmented(data.images, indices, sample_seeds(batch.seed, batch.epoch, indices))
+        augmented = batch.split == "train" and (self.crop_padding or self.flip or self.random_erasing > 0)
+        seeds = sample_seeds(batch.seed, batch.epoch, indices) if augmented else None
+        if seeds is not None and (self.crop_padding or self.flip):
+            images = self._augmented(data.images, indices, seeds)
         else:
             images = data.images[indices]
-        return self._normalize(images.permute(0, 3, 1, 2)), data.targets[indices]
+        normalized = self.normalize(images.permute(0, 3, 1, 2))
+        if seeds is not None and self.random_erasing > 0:
+            random_erasing_(normalized, seeds, self.random_erasing)
+        return normalized, data.targets[indices]
 
     def _augmented(self, padded: Tensor, indices: Tensor, bits: Tensor) -> Tensor:
         """Random crop + flip as one gather: ``[B, H, W, C]`` from the padded ``[N, H+2p, W+2p, C]``."""
@@ -135,23 +150,3 @@ class DeviceImageStore:
             cols = torch.where(flipped[:, None], width - 1 - cols, cols)
         cols = cols + left[:, None]
         return padded[indices[:, None, None], rows[:, :, None], cols[:, None, :]]
-
-    def _normalize(self, images: Tensor) -> Tensor:
-        """``(images * scale - mean) / std`` as one multiply-add; the scale is 1/255 for uint8 images."""
-        key = (str(images.device), images.dtype, images.shape[1])
-        if key not in self._affine:  # built once per device: a host-to-device copy per batch would sync
-            scale = 1 / 255 if images.dtype == torch.uint8 else 1.0
-            mean, std = _per_channel(self.mean, images.shape[1]), _per_channel(self.std, images.shape[1])
-            multiplier = torch.tensor([scale / s for s in std]).view(1, -1, 1, 1)
-            offset = torch.tensor([-m / s for m, s in zip(mean, std, strict=True)]).view(1, -1, 1, 1)
-            self._affine[key] = (multiplier.to(images.device), offset.to(images.device))
-        multiplier, offset = self._affine[key]
-        return torch.addcmul(offset, images.float(), multiplier)
-
-
-def _per_channel(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
-    if len(values) == channels:
-        return values
-    if len(values) == 1:
-        return values * channels
-    raise ValueError(f"{len(values)} normalisation values for {channels} channels")

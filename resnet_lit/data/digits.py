@@ -40,6 +40,7 @@ class DigitsDataModule(ImageDataModule):
     default_mean = (0.3053,)
     default_std = (0.3760,)
     in_channels = 1
+    normalize_on_device = False  # float images: the workers normalise them
 
     def __init__(
         self,

@@ -15,6 +15,7 @@ from .backends import LoaderSettings, Placement, eval_dataloader
 from .datasets import Transform, load_image
 from .errors import CorruptImageError, DataConfigError
 from .files import IMAGE_EXTENSIONS, find_images
+from .finish import RawImages
 from .loaders import SeededDataLoader
 
 MAX_LISTED = 20  # skipped files named in the end-of-predict warning; the rest are counted
@@ -25,10 +26,18 @@ class PredictFolderDataset(Dataset):
 
     An undecodable file raises :class:`CorruptImageError` naming it; with ``skip_corrupt`` it yields ``None``
     instead and is flagged in shared memory, so that :meth:`skipped_paths` sees the flags set by DataLoader workers.
+    With ``raw`` (a transform that leaves the images unnormalised) items are :class:`RawImages`, which the
+    training device finishes.
     """
 
     def __init__(
-        self, root: str, transform: Transform | None, *, mode: str = "RGB", skip_corrupt: bool = False
+        self,
+        root: str,
+        transform: Transform | None,
+        *,
+        mode: str = "RGB",
+        skip_corrupt: bool = False,
+        raw: bool = False,
     ) -> None:
         if not os.path.isdir(root):
             raise DataConfigError(f"predict_dir {root!r} does not exist or is not a directory")
@@ -38,6 +47,7 @@ class PredictFolderDataset(Dataset):
         self.transform = transform
         self.mode = mode
         self.skip_corrupt = skip_corrupt
+        self.raw = raw
         self._skipped = torch.zeros(len(self.paths), dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
@@ -57,7 +67,8 @@ class PredictFolderDataset(Dataset):
                 stacklevel=2,
             )
             return None
-        return (self.transform(image) if self.transform is not None else image), path
+        image = self.transform(image) if self.transform is not None else image
+        return RawImages(image, path) if self.raw else (image, path)
 
     def skipped_paths(self) -> list[str]:
         """The files left out so far, in order."""

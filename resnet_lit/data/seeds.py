@@ -46,12 +46,30 @@ def _shift_right(x: Tensor, bits: int) -> Tensor:
     return (x >> bits) & ((1 << (64 - bits)) - 1)
 
 
+def _round(state: Tensor, value: Tensor | int) -> Tensor:
+    """One splitmix64 round of :func:`_absorb` on int64 bit patterns (wrapping, as on every device)."""
+    s = (state ^ value) + _signed(_GOLDEN)
+    z = (s ^ _shift_right(s, 30)) * _signed(_MIX1)
+    z = (z ^ _shift_right(z, 27)) * _signed(_MIX2)
+    return z ^ _shift_right(z, 31)
+
+
 def sample_seeds(seed: int, epoch: int, indices: Tensor) -> Tensor:
     """:func:`sample_seed` of every index, computed on the indices' device (the device path's augmentation).
 
     int64 arithmetic wraps modulo 2**64 on CPU and CUDA alike, so this equals ``sample_seed`` bit for bit.
     """
-    s = (indices.to(torch.int64) ^ _signed(_absorb(seed, epoch))) + _signed(_GOLDEN)
-    z = (s ^ _shift_right(s, 30)) * _signed(_MIX1)
-    z = (z ^ _shift_right(z, 27)) * _signed(_MIX2)
-    return _shift_right(z ^ _shift_right(z, 31), 1)
+    return _shift_right(_round(indices.to(torch.int64), _signed(_absorb(seed, epoch))), 1)
+
+
+def seed_uniforms(seeds: Tensor, stream: int, count: int) -> Tensor:
+    """``count`` uniform float32 draws in [0, 1) per seed, ``[len(seeds), count]``, on the seeds' device.
+
+    Draw ``k`` of seed ``s`` is the top 24 bits of ``mix_seed(s, stream, k)``: a function of the seed alone, so
+    a sample gets the same draws in any batch, on any rank, after any resume.
+    """
+    state = _round(torch.full_like(seeds, _signed(_GOLDEN), dtype=torch.int64), seeds.to(torch.int64))
+    state = _round(state, stream)
+    counters = torch.arange(count, dtype=torch.int64, device=seeds.device)
+    bits = _shift_right(_round(state[:, None], counters), 40)  # mix_seed's 63 bits, of which the top 24
+    return bits.to(torch.float32) * 2.0**-24

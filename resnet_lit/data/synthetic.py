@@ -39,6 +39,8 @@ class SyntheticDataModule(ImageDataModule):
         num_test_samples: Test images (0: no test split).
     """
 
+    normalize_on_device = False  # float images: the workers normalise them
+
     def __init__(
         self,
         num_classes: int = 10,

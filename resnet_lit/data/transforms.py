@@ -19,7 +19,8 @@ Augment = Literal["none", "trivialaugment", "randaugment"]
 
 @dataclass(frozen=True)
 class ImagePipeline:
-    """The transform settings of a DataModule; inputs are PIL images or tensors, outputs normalised float32.
+    """The transform settings of a DataModule; inputs are PIL images or tensors, outputs normalised float32 (or, with
+    ``normalize=False``, the images before the conversion to float).
 
     ``crop_size`` is the output size; ``None`` keeps the input size (only allowed for ``plain``).
     """
@@ -32,8 +33,12 @@ class ImagePipeline:
     augment: Augment = "none"
     random_erasing: float = 0.0
 
-    def train(self) -> v2.Compose:
-        """Geometric augmentation by ``style``, then ``augment``, normalisation and random erasing."""
+    def train(self, normalize: bool = True) -> v2.Compose:
+        """Geometric augmentation by ``style``, then ``augment``, normalisation and random erasing.
+
+        ``normalize=False`` stops before the conversion to float: uint8 images stay uint8, and the training device
+        converts, normalises and erases them (:class:`~resnet_lit.data.finish.BatchFinisher`).
+        """
         geometric: list[v2.Transform]
         if self.style == "imagenet":
             geometric = [v2.RandomResizedCrop(self._crop(), antialias=True), v2.RandomHorizontalFlip()]
@@ -50,17 +55,19 @@ class ImagePipeline:
         else:
             raise ValueError(f"unknown transform style {self.style!r}")
         erasing = [v2.RandomErasing(p=self.random_erasing)] if self.random_erasing > 0 else []
-        return v2.Compose([v2.ToImage(), *geometric, *_augmentation(self.augment), *self._normalize(), *erasing])
+        finish = [*self._normalize(), *erasing] if normalize else []
+        return v2.Compose([v2.ToImage(), *geometric, *_augmentation(self.augment), *finish])
 
-    def eval(self) -> v2.Compose:
-        """The deterministic pipeline of val/test/predict: resize (shorter side), center crop, normalise."""
+    def eval(self, normalize: bool = True) -> v2.Compose:
+        """The deterministic pipeline of val/test/predict: resize (shorter side), center crop, normalise
+        (``normalize=False``: left to the device, as in :meth:`train`)."""
         geometric: list[v2.Transform] = []
         if self.style == "plain":
             if self.crop_size is not None:
                 geometric = [v2.Resize((self.crop_size,) * 2, antialias=True)]
         elif self.crop_size is not None:
             geometric = [v2.Resize(self.resize_size or self.crop_size, antialias=True), v2.CenterCrop(self.crop_size)]
-        return v2.Compose([v2.ToImage(), *geometric, *self._normalize()])
+        return v2.Compose([v2.ToImage(), *geometric, *(self._normalize() if normalize else [])])
 
     def geometry(self, train: bool) -> v2.Transform | None:
         """The deterministic geometric steps of :meth:`train` or :meth:`eval`, for images decoded once.

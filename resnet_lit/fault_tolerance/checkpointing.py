@@ -13,6 +13,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
 
+from resnet_lit.fault_tolerance.distributed import is_sync_step
+
 
 def checkpoint_metrics(trainer: pl.Trainer) -> dict[str, Tensor]:
     """What checkpoint file names and the top-k ranking read: the logged metrics, `epoch` and `step`."""
@@ -35,6 +37,8 @@ class ResumableCheckpoint(ModelCheckpoint):
       also write the rolling `save_top_k` files, as in Lightning.
     * With an interval set, Lightning stops saving at epoch ends; here `every_n_epochs` still defaults to 1,
       so the best-k files follow every validation and `last.ckpt` is written at every epoch end.
+    * `train_time_interval` is checked after logging steps only (every `trainer.log_every_n_steps` steps),
+      where ranks sync anyway, not after every step: deciding it takes a collective (rank 0's clock decides).
     * `last.ckpt` is written at every epoch end, not only when a top-k file was written.
     * No interval save on the last batch of an epoch (the epoch-end save follows right after it), nor in the
       middle of a gradient accumulation (a checkpoint cannot hold half-accumulated gradients).
@@ -98,7 +102,8 @@ class ResumableCheckpoint(ModelCheckpoint):
 
     def _interval_due(self, trainer: pl.Trainer) -> bool:
         due = self._step_interval >= 1 and trainer.global_step % self._step_interval == 0
-        if self._time_interval is not None:
+        # The clock is read at the steps that sync anyway: the decision is a collective.
+        if self._time_interval is not None and is_sync_step(trainer, trainer.global_step):
             now = time.monotonic()
             previous = self._interval_clock
             time_due = previous is not None and now - previous >= self._time_interval.total_seconds()

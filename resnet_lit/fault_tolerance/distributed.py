@@ -1,12 +1,30 @@
-"""Small collective helpers shared by the fault-tolerance callbacks (no-ops in a single process)."""
+"""Small collective helpers shared by the fault-tolerance callbacks (no-ops in a single process), and the
+training steps at which they may run."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+
+# Steps between sync steps when Lightning's step logging is off (`log_every_n_steps: 0`): Lightning's default.
+SYNC_EVERY_WITHOUT_LOGGING = 50
+
+
+def is_sync_step(trainer: pl.Trainer, step: int) -> bool:
+    """Whether training step `step` may sync the host with the device and run collectives: the steps after which
+    Lightning writes the step logs (`step` counts optimizer steps from 1, as `trainer.global_step` does once the
+    step is done), which sync anyway. Every `SYNC_EVERY_WITHOUT_LOGGING` steps when step logging is off.
+
+    Per-step work that needs a host sync or a collective (the global `train/loss`, checking the non-finite loss
+    flags, time-based checkpoint decisions) waits for these steps, so that the steps in between only queue
+    device work. The same on every rank: collectives at these steps cannot deadlock.
+    """
+    every = trainer.log_every_n_steps or SYNC_EVERY_WITHOUT_LOGGING
+    return step % every == 0
 
 
 def is_distributed(trainer: pl.Trainer) -> bool:
@@ -42,7 +60,8 @@ def host_group(trainer: pl.Trainer) -> Any:
     """A process group for all-reducing host (CPU) values: the default group under gloo, else a new gloo group.
 
     Collective: call it on all ranks at the same point. Reducing CPU tensors over gloo never waits for the GPU,
-    so per-step agreement on host-side flags (e.g. "a signal arrived") costs no device synchronisation.
+    so agreeing on host-side flags (e.g. "a signal arrived") costs no device synchronisation, only a network
+    round trip through every rank.
     """
     if not is_distributed(trainer):
         return None
@@ -53,8 +72,19 @@ def host_group(trainer: pl.Trainer) -> Any:
 
 def host_max(trainer: pl.Trainer, value: int, group: Any) -> int:
     """The largest of the ranks' host integer ``value``, reduced over ``group`` (from :func:`host_group`)."""
+    return host_max_each(trainer, [value], group)[0]
+
+
+def host_max_each(trainer: pl.Trainer, values: Sequence[int], group: Any) -> list[int]:
+    """The largest of the ranks' host integers, element by element, in one all-reduce over ``group``."""
     if group is None:
-        return int(value)
-    tensor = torch.tensor([int(value)], dtype=torch.int64)
+        return [int(v) for v in values]
+    tensor = torch.tensor([int(v) for v in values], dtype=torch.int64)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
-    return int(tensor.item())
+    return tensor.tolist()
+
+
+def host_barrier(group: Any) -> None:
+    """Wait until every rank of ``group`` (from :func:`host_group`) has come here; a no-op without a group."""
+    if group is not None:
+        dist.barrier(group=group)

@@ -31,8 +31,14 @@ def fault_tolerance_callbacks(configured: Any = None) -> list[Callback]:
 
     A configured callback of the same class, or of a subclass, replaces the default one.
     """
+    return [cls() for cls in FAULT_TOLERANCE_CALLBACKS if not configures(configured, cls)]
+
+
+def configures(configured: Any, base: type) -> bool:
+    """Whether `configured` (the parsed `trainer.callbacks` or `trainer.plugins`) holds a `base`, or a subclass,
+    as an instance or a `class_path` entry."""
     present = [cls for cls in map(_class_of, _as_list(configured)) if cls is not None]
-    return [cls() for cls in FAULT_TOLERANCE_CALLBACKS if not any(issubclass(p, cls) for p in present)]
+    return any(issubclass(cls, base) for cls in present)
 
 
 def with_atomic_checkpoint_io(configured: Any) -> list[Any]:

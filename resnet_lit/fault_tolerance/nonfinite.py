@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from resnet_lit.errors import ResNetLitError
-from resnet_lit.fault_tolerance.distributed import any_rank, max_over_ranks
+from resnet_lit.fault_tolerance.distributed import any_rank, is_sync_step, max_over_ranks
 
 NonFinitePolicy = Literal["stop", "skip"]
 POLICIES: tuple[str, ...] = ("stop", "skip")
@@ -42,11 +42,14 @@ class NonFiniteStateError(ResNetLitError):
 class NonFiniteLossPolicy(Callback):
     """Applies the LightningModule's ``nonfinite_loss`` hyperparameter ("stop" when absent) to every training loss.
 
-    ``stop``: each step records "was the loss finite" on the device, without a host sync; the records are
-    checked every ``log_every_n_steps`` steps, at epoch and training end and before every checkpoint is
-    written, and a bad one raises :class:`NonFiniteLossError` naming the step and the last good checkpoint.
+    ``stop``: each step records "was the loss finite" on the device, without a host sync or a collective; the
+    records are checked after every logging step (``log_every_n_steps``; every 50 steps when step logging is
+    off), at epoch and training end and before every checkpoint is written, and a bad one raises
+    :class:`NonFiniteLossError` naming the step and the last good checkpoint. Training may thus run up to
+    ``log_every_n_steps`` steps past a bad one before it stops; no checkpoint holds them.
 
-    ``skip``: the ranks agree on every loss (one host sync per step); a step that is non-finite anywhere is
+    ``skip``: the ranks agree on every loss, which costs a host sync and a collective at every step (a step
+    must be dropped before its optimizer step, on all ranks alike); a step that is non-finite anywhere is
     dropped everywhere: BatchNorm statistics are put back, its gradients (with accumulation: the whole
     accumulated step's) are discarded before the optimizer step, so the optimizer state does not move. The
     count is logged as ``train/nonfinite_skipped`` and kept in checkpoints. The learning-rate schedule still
@@ -119,10 +122,12 @@ class NonFiniteLossPolicy(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        sync_step = is_sync_step(trainer, trainer.global_step)  # the logger syncs after these steps anyway
         if self.policy == "skip":
-            pl_module.log("train/nonfinite_skipped", float(self.skipped), on_step=True, on_epoch=False)
+            if sync_step:
+                pl_module.log("train/nonfinite_skipped", float(self.skipped), on_step=True, on_epoch=False)
             self.check_skip_limit(trainer)
-        elif trainer.global_step % max(1, trainer.log_every_n_steps) == 0:  # the logger syncs at these steps anyway
+        elif sync_step:
             self.check(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -20,11 +21,15 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from resnet_lit.errors import ResNetLitError
 from resnet_lit.fault_tolerance.checkpointing import ResumableCheckpoint, checkpoint_metrics, in_gradient_accumulation
 from resnet_lit.fault_tolerance.cluster import detect_launch
-from resnet_lit.fault_tolerance.distributed import host_group, host_max
+from resnet_lit.fault_tolerance.distributed import host_barrier, host_group, host_max, host_max_each, is_sync_step
 
 _REQUEUE_RANK = 1000
+FIRST_AGREEMENT_STEPS = 10  # before the step time is known: agree after this many steps (or a logging step)
+REQUEUE_TIMEOUT_S = 120  # `scontrol requeue` that takes longer is given up (the other ranks wait for it)
+_now = time.monotonic  # the clock that times the steps between agreements (tests replace it)
 
 
 class Preempted(SystemExit):
@@ -40,15 +45,24 @@ class PreemptionHandler(Callback):
     """Turns SIGTERM, Ctrl-C (SIGINT) and, under SLURM with auto-requeue, the requeue signal (SIGUSR1) into
     "save and exit" during `fit`, and into "stop after this batch" during validate, test and predict.
 
-    The signal handler only records the signal. At the end of the current training batch (the next
-    `on_train_batch_end`, after the optimizer step), or at the epoch end if the signal came during the last
-    batch or epoch-end validation, all ranks agree on it (an all-reduce of a host integer over a gloo group,
-    so a signal seen by any rank counts and no GPU sync is needed), write `last.ckpt` through the checkpoint
-    callback, and raise :class:`Preempted`, a `SystemExit` with status 128 + signal number (143 for SIGTERM,
-    130 for SIGINT, 138 for SIGUSR1). When ranks saw different signals, the requeue signal wins, then SIGTERM.
-    For the requeue signal, rank 0 first runs `scontrol requeue <job id>`, as Lightning's SLURM support does;
-    the requeued job resumes with `--ckpt_path last`. A second SIGINT stops at once, without saving
-    (:class:`Interrupted`, status 130); a third one kills the process (the system's default action).
+    The signal handler only records the signal. A single process acts on it after the current training step
+    (after the optimizer step; never in the middle of a gradient accumulation), or at the epoch end if it came
+    during the last batch or the epoch-end validation. Several processes first agree on it: an all-reduce of
+    host integers over a gloo group, so that a signal seen by any rank counts; it needs no GPU sync, but a
+    network round trip through every rank, so it is not done after every step. The ranks agree at every epoch
+    end, after every logging step (`trainer.log_every_n_steps`, whose logs sync anyway) and in between at most
+    `agree_every_n_steps` steps apart; by default that interval is derived from the step time measured between
+    agreements, to agree about every `agree_every_seconds`. A signal thus stops a distributed run within about
+    that time plus one step: with one checkpoint write, the grace time a scheduler must give.
+
+    Then all ranks write `last.ckpt` through the checkpoint callback and raise :class:`Preempted`, a
+    `SystemExit` with status 128 + signal number (143 for SIGTERM, 130 for SIGINT, 138 for SIGUSR1). When ranks
+    saw different signals, the requeue signal wins, then SIGTERM. For the requeue signal, rank 0 first runs
+    `scontrol requeue <job id>`, as Lightning's SLURM support does; the requeued job resumes with
+    `--ckpt_path last`. The ranks exit together, after rank 0's requeue: under `srun --kill-on-bad-exit` the
+    first task to exit with a failure status ends the others, a running `scontrol requeue` included. A second
+    SIGINT stops at once, without saving (:class:`Interrupted`, status 130); a third one kills the process
+    (the system's default action).
 
     In validate, test and predict the ranks agree after each batch that all of them run, stop, say so, save
     nothing and raise :class:`Interrupted`.
@@ -59,9 +73,25 @@ class PreemptionHandler(Callback):
     Lightning's are (at the sanity check or `on_train_start`, at the start of evaluation or prediction) and put
     back by Lightning at teardown. A signal that arrives after the last training batch (during the final
     validation) lets the run finish normally.
+
+    Args:
+        agree_every_n_steps: the most training steps between two agreements on signals; None: derived from the
+            measured step time (about `agree_every_seconds` apart; after the first 10 steps before any was
+            measured).
+        agree_every_seconds: the time between agreements that the derived interval aims at.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, agree_every_n_steps: int | None = None, agree_every_seconds: float = 3.0) -> None:
+        if agree_every_n_steps is not None and agree_every_n_steps < 1:
+            raise ResNetLitError(
+                f"PreemptionHandler agree_every_n_steps must be at least 1, got {agree_every_n_steps!r}"
+            )
+        if not agree_every_seconds > 0:
+            raise ResNetLitError(f"PreemptionHandler agree_every_seconds must be positive, got {agree_every_seconds!r}")
+        self.agree_every_n_steps = agree_every_n_steps
+        self.agree_every_seconds = agree_every_seconds
+        self._next_agreement = 0  # the global step after which the ranks agree next (at the latest)
+        self._last_agreement = (0, 0.0)  # global step and clock of the previous agreement (or of the start)
         self._signum = 0
         self._interrupts = 0  # SIGINTs received
         self._forwarded = False
@@ -138,8 +168,9 @@ class PreemptionHandler(Callback):
         self._install(trainer)  # a signal during the sanity check is acted on at the first training step
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._group = host_group(trainer)  # CPU all-reduce: agreeing every step costs no GPU sync
+        self._group = host_group(trainer)  # CPU all-reduce: agreeing costs no GPU sync
         self._install(trainer)
+        self._schedule(trainer, self.agree_every_n_steps or FIRST_AGREEMENT_STEPS)
 
     # --- safe points ---------------------------------------------------------------------------------------
     def on_train_batch_end(
@@ -147,13 +178,33 @@ class PreemptionHandler(Callback):
     ) -> None:
         if trainer.is_last_batch or in_gradient_accumulation(trainer, batch_idx):
             return  # act at the epoch end, or after the optimizer step that ends the gradient accumulation
-        self._maybe_stop(trainer)
+        step = trainer.global_step
+        # The same decision on every rank. A single process has no one to agree with: it acts at the next step.
+        if self._group is None or step >= self._next_agreement or is_sync_step(trainer, step):
+            self._maybe_stop(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._maybe_stop(trainer)
 
+    def _schedule(self, trainer: pl.Trainer, steps: int) -> None:
+        self._last_agreement = (trainer.global_step, _now())
+        self._next_agreement = trainer.global_step + steps
+
+    def _agree(self, trainer: pl.Trainer) -> int:
+        """The ranks' strongest signal (see `_rank`), and the next agreement scheduled. Collective.
+
+        The all-reduce carries each rank's time per step since the previous agreement too: the slowest rank's
+        sets the interval, the same on every rank.
+        """
+        last_step, last_time = self._last_agreement
+        micros = int((_now() - last_time) * 1e6 / max(1, trainer.global_step - last_step))
+        code, micros = host_max_each(trainer, [self._rank(self._signum), micros], self._group)
+        steps = self.agree_every_n_steps or max(1, int(self.agree_every_seconds * 1e6 / max(micros, 1)))
+        self._schedule(trainer, steps)
+        return code
+
     def _maybe_stop(self, trainer: pl.Trainer) -> None:
-        code = host_max(trainer, self._rank(self._signum), self._group)
+        code = self._agree(trainer)
         if not code:
             return
         signum = code - _REQUEUE_RANK if code >= _REQUEUE_RANK else code
@@ -162,6 +213,9 @@ class PreemptionHandler(Callback):
         path = save_last_checkpoint(trainer)
         if signum == self._requeue_signum and trainer.is_global_zero:
             requeue_slurm_job()
+        for logger in trainer.loggers:  # written before the ranks leave: an exit may end the others' processes
+            logger.save()
+        host_barrier(self._group)  # no rank exits before rank 0's requeue is done
         stopped = "interrupted" if signum == signal.SIGINT else "preempted"
         rank_zero_info(
             f"resnet-lit: {stopped} by {name} at epoch {trainer.current_epoch}, step {trainer.global_step}; "
@@ -249,10 +303,14 @@ def requeue_slurm_job() -> int:
     if not re.fullmatch(r"[0-9_]+", job_id):
         raise ValueError(f"unexpected SLURM job id {job_id!r}")
     try:
-        result = subprocess.call(["scontrol", "requeue", job_id])
+        result = subprocess.call(["scontrol", "requeue", job_id], timeout=REQUEUE_TIMEOUT_S)
     except FileNotFoundError:
         rank_zero_warn("resnet-lit: scontrol not found; the job was not requeued")
         return 127
+    except subprocess.TimeoutExpired:
+        rank_zero_warn(f"resnet-lit: `scontrol requeue {job_id}` did not finish within {REQUEUE_TIMEOUT_S} s; "
+                       "the job may not be requeued")  # fmt: skip
+        return 124
     if result == 0:
         rank_zero_info(f"resnet-lit: requeued SLURM job {job_id}")
     else:
