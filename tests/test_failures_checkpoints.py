@@ -194,7 +194,7 @@ class _Trainer(SimpleNamespace):
     """A single-process trainer stand-in for the policy's hooks."""
 
     def __init__(self) -> None:
-        super().__init__(world_size=1, global_step=12, current_epoch=3, checkpoint_callbacks=[])
+        super().__init__(world_size=1, global_step=12, current_epoch=3, checkpoint_callbacks=[], log_every_n_steps=1)
 
 
 class _Net(torch.nn.Linear):
