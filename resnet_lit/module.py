@@ -19,7 +19,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 from torchvision.transforms import v2
 
 from resnet_lit.errors import ResNetLitError
@@ -32,7 +32,14 @@ from resnet_lit.fault_tolerance.checkpointing import in_gradient_accumulation
 from resnet_lit.fault_tolerance.distributed import is_sync_step
 from resnet_lit.fault_tolerance.nonfinite import NonFinitePolicy
 from resnet_lit.models import NetworkConfig, create_model
-from resnet_lit.optim import param_groups, rescale_restored_lr, restored_base_lrs, scale_learning_rate
+from resnet_lit.optim import (
+    apply_lr_scales,
+    check_layer_decay,
+    param_groups,
+    rescale_restored_lr,
+    restored_base_lrs,
+    scale_learning_rate,
+)
 
 # Checkpoint entry: the optimizer's learning rate per parameter group as configured, before batch scaling.
 CONFIGURED_LR_KEY = "resnet_lit_configured_lr"
@@ -68,6 +75,11 @@ class ResNetClassifier(L.LightningModule):
         init_from: start from the network weights of this checkpoint (fine-tuning; not a resume, which is
             `--ckpt_path`). Not saved in the hyperparameters.
         reinit_head: with `init_from`, keep a freshly initialised classifier head, e.g. for other classes.
+        layer_decay: layer-wise LR decay in (0, 1]: each block's lr is multiplied by layer_decay ** (its distance
+            from the head: head 0, last block 1, ..., stem number of blocks + 1); resnet_lit ResNets only.
+        class_weights: weights of the training loss per class: a list of num_classes values, or "balanced"
+            (n_samples / (num_classes x samples of the class), from the DataModule's `class_counts()` of the
+            training split). The validation and test loss stay unweighted, so `val/loss` compares across runs.
     """
 
     def __init__(
@@ -91,6 +103,8 @@ class ResNetClassifier(L.LightningModule):
         nonfinite_loss: NonFinitePolicy = "stop",
         init_from: str | None = None,
         reinit_head: bool = False,
+        layer_decay: float | None = None,
+        class_weights: Literal["balanced"] | list[NonNegativeFloat] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(net, dict):  # from a checkpoint's hyper_parameters
@@ -98,6 +112,10 @@ class ResNetClassifier(L.LightningModule):
         net = net or NetworkConfig()
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} entries but num_classes={num_classes}")
+        if isinstance(class_weights, list | tuple) and len(class_weights) != num_classes:
+            raise ResNetLitError(
+                f"model.class_weights has {len(class_weights)} entries but model.num_classes is {num_classes}"
+            )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "net", "init_from", "reinit_head"])
         self.hparams["net"] = net.overrides()
         # Checkpoints must load with torch.load(weights_only=True): keep hyperparameters plain builtins.
@@ -110,6 +128,10 @@ class ResNetClassifier(L.LightningModule):
         self._scaled_lrs: list[float] = []
         self._restored_lrs: list[float] | None = None  # the checkpoint's configured lr, while resuming a fit
         self.configure_network(init_from, reinit_head)
+        check_layer_decay(self.net, layer_decay, arch)
+        # The training loss's class weights (None: unweighted); "balanced" is filled in at setup("fit").
+        weights = torch.tensor(class_weights, dtype=torch.float32) if isinstance(class_weights, list | tuple) else None
+        self.register_buffer("class_weight", weights, persistent=False)
         self.configure_batch_mixer()
         self.configure_metrics()
 
@@ -148,6 +170,7 @@ class ResNetClassifier(L.LightningModule):
         metrics: dict[str, Any] = {
             "loss": MeanCrossEntropy(),
             "acc": MulticlassAccuracy(num_classes, average="micro", validate_args=False),
+            "acc_macro": MacroAccuracy(num_classes),
         }
         if num_classes >= 5:  # top-5 of fewer classes is always 1
             metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro", validate_args=False)
@@ -156,9 +179,20 @@ class ResNetClassifier(L.LightningModule):
         self.train_metrics = MetricCollection({"acc": metrics["acc"].clone()}, prefix="train/", compute_groups=False)
         self.val_metrics = collection.clone(prefix="val/")
         self.test_metrics = collection.clone(prefix="test/")
+        # Not logged (a matrix): read by the `PerClassReport` callback through `confusion_matrix(stage)`.
+        self.val_confusion = ConfusionCounts(num_classes)
+        self.test_confusion = ConfusionCounts(num_classes)
+
+    def confusion_matrix(self, stage: Literal["val", "test"]) -> Tensor:
+        """The epoch's confusion matrix (rows: true class, columns: predicted), summed over all processes.
+
+        A collective under DDP: call it on every rank."""
+        return (self.val_confusion if stage == "val" else self.test_confusion).compute()
 
     def setup(self, stage: str) -> None:
         self._restored_lrs = None
+        if stage == "fit" and self.hparams.class_weights == "balanced":
+            self.class_weight = balanced_class_weights(self.trainer.datamodule, self.hparams.num_classes)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images.contiguous(memory_format=self.memory_format))
@@ -170,7 +204,8 @@ class ResNetClassifier(L.LightningModule):
             images, targets = self.batch_mixer(images, targets)
             hard_targets = targets.argmax(dim=1)
         logits = self(images)
-        loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+        weight = None if self.class_weight is None else self.class_weight.to(logits.dtype)
+        loss = F.cross_entropy(logits, targets, weight=weight, label_smoothing=self.hparams.label_smoothing)
         # Per step only what costs nothing: no host sync, no collective, no batch-level metric value (see
         # docs/performance.md); what needs them waits for the logging steps.
         self.train_metrics.update(logits.detach(), hard_targets)  # train/acc is logged once, at the epoch end
@@ -194,15 +229,29 @@ class ResNetClassifier(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         self.log_dict(self.train_metrics)
 
+    def on_validation_epoch_start(self) -> None:
+        self.val_confusion.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self.test_confusion.reset()
+
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics, prog_bar=True)
+        self._evaluate(batch, self.val_metrics, self.val_confusion, prog_bar=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics)
+        self._evaluate(batch, self.test_metrics, self.test_confusion)
 
-    def _evaluate(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, prog_bar: bool = False) -> None:
+    def _evaluate(
+        self,
+        batch: tuple[Tensor, Tensor],
+        metrics: MetricCollection,
+        confusion: ConfusionCounts,
+        prog_bar: bool = False,
+    ) -> None:
         images, targets = batch
-        metrics.update(self(images), targets)
+        logits = self(images)
+        metrics.update(logits, targets)
+        confusion.update(logits, targets)
         # Logged as metric objects: Lightning computes them at the epoch end from counts summed over all ranks,
         # so distributed results are exact even when ranks hold different numbers of samples.
         self.log_dict(metrics, prog_bar=prog_bar)
@@ -229,7 +278,11 @@ class ResNetClassifier(L.LightningModule):
             self._restored_lrs = [float(lr) for lr in checkpoint.get(CONFIGURED_LR_KEY, [])]
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(param_groups(self.net, self.hparams.no_weight_decay_on_norm_and_bias))
+        hparams = self.hparams
+        optimizer = self.optimizer_factory(
+            param_groups(self.net, hparams.no_weight_decay_on_norm_and_bias, hparams.get("layer_decay"))
+        )
+        apply_lr_scales(optimizer)
         self.configured_lrs = [float(group["lr"]) for group in optimizer.param_groups]  # before batch scaling
         self._scale_learning_rate(optimizer)
         self._scaled_lrs = [float(group["lr"]) for group in optimizer.param_groups]
@@ -318,6 +371,20 @@ def plain_data(value: Any) -> Any:
     return value
 
 
+def balanced_class_weights(datamodule: Any, num_classes: int) -> Tensor:
+    """n_samples / (num_classes x count of the class) from `datamodule.class_counts()` (0 for an absent class)."""
+    if not callable(getattr(datamodule, "class_counts", None)):
+        raise ResNetLitError(
+            f"model.class_weights: balanced needs the class counts of a DataModule with class_counts() (a resnet_lit "
+            f"ImageDataModule), got {type(datamodule).__name__}; give model.class_weights as a list instead"
+        )
+    counts = torch.tensor(datamodule.class_counts(), dtype=torch.float64)
+    if len(counts) != num_classes:
+        raise ResNetLitError(f"the DataModule counts {len(counts)} classes but model.num_classes is {num_classes}")
+    weights = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp(min=1)), torch.zeros_like(counts))
+    return weights.float()
+
+
 def global_batch_size(trainer: L.Trainer) -> int:
     """Images per optimizer step over all processes: devices x nodes x per-process batch x accumulation."""
     batch_size = getattr(trainer.datamodule, "batch_size", None)
@@ -339,6 +406,41 @@ class MeanCrossEntropy(MeanMetric):
 
     def update(self, logits: Tensor, targets: Tensor) -> None:  # type: ignore[override]
         super().update(F.cross_entropy(logits, targets, reduction="none"))
+
+
+def confusion_counts(logits: Tensor, targets: Tensor, num_classes: int) -> Tensor:
+    """The batch's confusion matrix (rows: true class, columns: predicted) by a scatter-add: unlike
+    `torch.bincount`, which torchmetrics uses and which reads the maximum on CUDA, it never syncs with the host."""
+    cells = targets.reshape(-1).long() * num_classes + logits.argmax(dim=1).reshape(-1)
+    counts = torch.zeros(num_classes * num_classes, dtype=torch.long, device=logits.device)
+    return counts.scatter_add_(0, cells, torch.ones_like(cells)).view(num_classes, num_classes)
+
+
+class ConfusionCounts(MulticlassConfusionMatrix):
+    """A confusion matrix of counts that never reads values on the host (no argument checks either). Summed over
+    all ranks at `compute`, so it is exact under DDP like the logged metrics."""
+
+    def __init__(self, num_classes: int, **kwargs: Any) -> None:
+        super().__init__(num_classes, validate_args=False, **kwargs)
+
+    def update(self, logits: Tensor, targets: Tensor) -> None:  # type: ignore[override]
+        self.confmat += confusion_counts(logits, targets, self.num_classes)
+
+
+class MacroAccuracy(MulticlassAccuracy):
+    """`MulticlassAccuracy(average="macro")` (the mean recall over the classes present) whose update never reads
+    values on the host: its per-class counts come from `confusion_counts`."""
+
+    def __init__(self, num_classes: int, **kwargs: Any) -> None:
+        super().__init__(num_classes, average="macro", validate_args=False, **kwargs)
+
+    def update(self, logits: Tensor, targets: Tensor) -> None:  # type: ignore[override]
+        counts = confusion_counts(logits, targets, self.num_classes)
+        tp, predicted, actual = counts.diagonal(), counts.sum(dim=0), counts.sum(dim=1)
+        self.tp += tp
+        self.fp += predicted - tp
+        self.fn += actual - tp
+        self.tn += targets.numel() - predicted - actual + tp
 
 
 def _attached_to_a_trainer(module: L.LightningModule) -> bool:

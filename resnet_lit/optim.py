@@ -9,15 +9,29 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from resnet_lit.errors import ResNetLitError
+from resnet_lit.models.resnet import ResNet
+
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
-def param_groups(module: nn.Module, exclude_norm_and_bias_from_weight_decay: bool) -> list[dict]:
+def param_groups(
+    module: nn.Module, exclude_norm_and_bias_from_weight_decay: bool, layer_decay: float | None = None
+) -> list[dict]:
     """Parameters as optimizer groups; optionally a second group with `weight_decay=0` for norms and biases.
 
     Decaying norm scales and biases only shrinks them toward a degenerate network, so modern recipes
-    (Goyal et al. 2017; timm; torchvision's v2 recipe) exempt them.
+    (Goyal et al. 2017; timm; torchvision's v2 recipe) exempt them. With `layer_decay`, `module` must be a
+    resnet_lit `ResNet`: every block (stem, each block of each stage, head) gets its own groups, each with an
+    `lr_scale` of `layer_decay ** distance from the head` (see `layer_distances`); `apply_lr_scales` applies it.
     """
+    if layer_decay is not None:
+        groups = []
+        for distance, block in layer_distances(module):
+            for group in param_groups(block, exclude_norm_and_bias_from_weight_decay):
+                if group["params"]:
+                    groups.append({**group, "lr_scale": layer_decay**distance})
+        return groups
     if not exclude_norm_and_bias_from_weight_decay:
         return [{"params": [p for p in module.parameters() if p.requires_grad]}]
     decay, no_decay = [], []
@@ -28,6 +42,39 @@ def param_groups(module: nn.Module, exclude_norm_and_bias_from_weight_decay: boo
             is_exempt = isinstance(submodule, _NORM_TYPES) or name.endswith("bias")
             (no_decay if is_exempt else decay).append(param)
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def layer_distances(net: nn.Module) -> list[tuple[int, nn.Module]]:
+    """`(distance from the head, block)` for the head (0), every block of every stage (the last one 1) and the
+    stem (number of blocks + 1): layer-wise LR decay from the network's structure, so plugin blocks need no
+    name matcher. `net` must be a resnet_lit `ResNet`."""
+    if not isinstance(net, ResNet):
+        raise ResNetLitError(
+            f"model.layer_decay needs a resnet_lit ResNet (stem, stages, head), not a {type(net).__name__}"
+        )
+    blocks = [block for stage in net.stages for block in stage]
+    layered = [(0, net.head)] + [(len(blocks) - index, block) for index, block in enumerate(blocks)]
+    return [*layered, (len(blocks) + 1, net.stem)]
+
+
+def check_layer_decay(net: nn.Module, layer_decay: float | None, arch: str) -> None:
+    """Raise a one-line ResNetLitError, naming the value or `arch`, when `layer_decay` cannot apply to `net`."""
+    if layer_decay is None:
+        return
+    if not 0.0 < layer_decay <= 1.0:
+        raise ResNetLitError(f"model.layer_decay must be in (0, 1] (or null to turn it off), got {layer_decay}")
+    if not isinstance(net, ResNet):
+        raise ResNetLitError(
+            f"model.layer_decay needs a resnet_lit ResNet (stem, stages, head), but model.arch {arch!r} builds a "
+            f"{type(net).__name__}; set model.layer_decay: null"
+        )
+
+
+def apply_lr_scales(optimizer: Optimizer) -> None:
+    """Multiply each group's lr by its `lr_scale` (set by `param_groups` for layer decay), once, when the
+    optimizer is built: the scale stays in the group for the record, and schedulers then scale all alike."""
+    for group in optimizer.param_groups:
+        group["lr"] *= group.get("lr_scale", 1.0)
 
 
 def scale_learning_rate(optimizer: Optimizer, factor: float) -> None:
@@ -77,7 +124,11 @@ def rescale_restored_lr(
 
 def _format(values: list[float]) -> str:
     distinct = list(dict.fromkeys(values))
-    return f"{distinct[0]:g}" if len(distinct) == 1 else "[" + ", ".join(f"{v:g}" for v in values) + "]"
+    if len(distinct) == 1:
+        return f"{distinct[0]:g}"
+    if len(values) > 6:  # e.g. layer decay's groups: the first ones (the head) and the last (the stem)
+        return f"[{values[0]:g}, {values[1]:g}, ..., {values[-1]:g}] ({len(values)} groups)"
+    return "[" + ", ".join(f"{v:g}" for v in values) + "]"
 
 
 class WarmupCosineLR(LambdaLR):

@@ -19,7 +19,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from resnet_lit.callbacks import PredictionCSVWriter
+from resnet_lit.callbacks import PerClassReport, PredictionCSVWriter
 from resnet_lit.callbacks.progress_bar import ThrottledProgressBar
 from resnet_lit.cli_checkpoint import checkpoint_file, saved_hyperparameters, unset_hyperparameters, warn_unsafe_load
 from resnet_lit.cli_parser import ResNetLitArgumentParser
@@ -151,6 +151,7 @@ class ResNetLitCLI(LightningCLI):
         self.trainer_defaults["callbacks"] = [
             *fault_tolerance_callbacks(config.trainer.callbacks),
             *default_progress_bar(config.trainer),
+            *([] if configures(config.trainer.callbacks, PerClassReport) else [PerClassReport()]),
         ]
         config.trainer.plugins = with_atomic_checkpoint_io(config.trainer.plugins)
 

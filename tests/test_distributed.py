@@ -168,8 +168,9 @@ def test_ddp_evaluation_equals_single_process_exactly(
     ckpt = str(ddp_fit[0] / "checkpoints" / "last.ckpt")
     prefix = "val" if stage == "validate" else "test"
     two = tmp_path / "ddp"
-    run_cli([stage, *COMMON, *DDP, "--ckpt_path", ckpt, "--trainer.default_root_dir", str(two)])
-    one = ResNetLitCLI(args=[stage, *COMMON, "--ckpt_path", ckpt, "--trainer.accelerator", "cpu",
+    report = ["--trainer.callbacks+=resnet_lit.callbacks.PerClassReport"]
+    run_cli([stage, *COMMON, *DDP, *report, "--ckpt_path", ckpt, "--trainer.default_root_dir", str(two)])
+    one = ResNetLitCLI(args=[stage, *COMMON, *report, "--ckpt_path", ckpt, "--trainer.accelerator", "cpu",
                              "--trainer.devices", "1", "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
     single = {k: v.item() for k, v in one.trainer.callback_metrics.items()}
 
@@ -182,6 +183,14 @@ def test_ddp_evaluation_equals_single_process_exactly(
     assert last_metric(two / "metrics.csv", f"{prefix}/loss") == pytest.approx(single[f"{prefix}/loss"], rel=1e-5)
     if stage == "validate":  # last.ckpt is saved after the fit's (2-process) validation of the same weights
         assert last_metric(ddp_fit[0] / "metrics.csv", "val/acc") == single["val/acc"]
+    # The per-class files come from the confusion matrix summed over the ranks: byte-identical, and consistent.
+    for name in ("per_class.csv", "confusion_matrix.csv"):
+        assert (two / f"{prefix}_{name}").read_bytes() == (tmp_path / f"{prefix}_{name}").read_bytes()
+    with open(two / f"{prefix}_confusion_matrix.csv") as f:
+        counts = [[int(v) for v in row[1:]] for row in list(csv.reader(f))[1:]]
+    assert sum(map(sum, counts)) == EVAL_SIZE
+    assert sum(row[i] for i, row in enumerate(counts)) == round(acc * EVAL_SIZE)
+    assert last_metric(two / "metrics.csv", f"{prefix}/acc_macro") == single[f"{prefix}/acc_macro"]
 
 
 @pytest.mark.slow

@@ -161,8 +161,8 @@ def test_top5_is_skipped_below_five_classes() -> None:
 def test_metric_collections_log_the_established_names() -> None:
     module = ResNetClassifier(arch="resnet20", num_classes=10)
     assert list(module.train_metrics.keys()) == ["train/acc"]  # train/loss is logged per step, not as a metric
-    assert set(module.val_metrics.keys()) == {"val/loss", "val/acc", "val/acc_top5"}
-    assert set(module.test_metrics.keys()) == {"test/loss", "test/acc", "test/acc_top5"}
+    assert set(module.val_metrics.keys()) == {"val/loss", "val/acc", "val/acc_macro", "val/acc_top5"}
+    assert set(module.test_metrics.keys()) == {"test/loss", "test/acc", "test/acc_macro", "test/acc_top5"}
     logits, targets = torch.randn(6, 10), torch.arange(6)
     module.val_metrics.update(logits, targets)
     values = module.val_metrics.compute()

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import lightning as L
 
 from .backends import LoaderBackend, LoaderKind, LoaderSettings, Placement, make_backend
+from .class_counts import class_counts
 from .datasets import CorruptCounter
 from .errors import DataConfigError, require_positive
 from .eval_shards import check_eval_shards
@@ -157,6 +158,11 @@ class ImageDataModule(L.LightningDataModule):
         if self._splits is None:
             self._splits = hold_out_val(self.load_splits(), self.val_fraction, self.seed)
         return self._splits
+
+    def class_counts(self) -> list[int]:
+        """Samples per class of the training split (after any val hold-out), from the datasets' labels without
+        decoding images; e.g. for ``model.class_weights: balanced``."""
+        return class_counts(self.splits().train, self.num_classes)
 
     def _placement(self) -> Placement:
         if self.trainer is None:

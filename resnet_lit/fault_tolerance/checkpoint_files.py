@@ -199,6 +199,33 @@ def read_checkpoint(
         raise CheckpointReadError(f"cannot read {what} {path!r}: {type(err).__name__}: {first}") from err
 
 
+def read_safetensors(path: str | os.PathLike[str], what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file on the CPU, with its problems as one-line :class:`CheckpointReadError`.
+
+    Needs the optional ``safetensors`` package (``pip install resnet-lit[weights]``). Such files carry no
+    resnet-lit digest: they load with a note, like other external files.
+    """
+    path = os.fspath(path)
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointReadError(
+            f"{what} {path!r} is a .safetensors file, which needs the safetensors package: "
+            "pip install resnet-lit[weights]"
+        ) from None
+    if not os.path.exists(path):
+        raise CheckpointReadError(f"{what} {path!r} does not exist")
+    if os.path.isdir(path):
+        raise CheckpointReadError(f"{what} {path!r} is a folder, not a weights file")
+    if _note_once(path):
+        rank_zero_info(f"resnet-lit: note: {path} has no resnet-lit digest (written elsewhere); loading it unverified")
+    try:
+        return load_file(path, device="cpu")
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointReadError(f"cannot read {what} {path!r}: {type(err).__name__}: {first}") from err
+
+
 _last_verified: tuple[tuple[Any, ...], bool | None] | None = None  # the CLI reads a --ckpt_path file twice
 _last_noted: tuple[Any, ...] | None = None
 

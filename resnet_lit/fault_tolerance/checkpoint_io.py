@@ -21,8 +21,11 @@ from resnet_lit.fault_tolerance.checkpoint_files import (
     atomic_torch_save,
     check_checkpoint_file,
     read_checkpoint,
+    read_safetensors,
 )
 from resnet_lit.fault_tolerance.nonfinite import RESUME_ADVICE, NonFiniteStateError, first_nonfinite_tensor
+from resnet_lit.models.pretrained import is_named_source, resolve_named_source
+from resnet_lit.models.timm_weights import is_external_layout, translate_state_dict, unwrap_state_dict
 
 __all__ = [
     "TEMP_SUFFIX",
@@ -145,20 +148,30 @@ def classifier_head_prefix(net: nn.Module) -> str | None:
 
 
 def load_network_weights(net: nn.Module, path: str, reinit_head: bool) -> str:
-    """Load ``path`` (a resnet-lit/Lightning checkpoint or a plain state dict of the network) into ``net``.
+    """Load ``path`` into ``net``: a resnet-lit/Lightning checkpoint, a plain state dict of the network, a
+    torchvision- or timm-format ResNet state dict (``.pth``/``.pt``), a ``.safetensors`` file of any of these,
+    or a named source ``torchvision:<arch>.<WEIGHTS>`` (see :mod:`resnet_lit.models.pretrained`).
 
-    With ``reinit_head`` the classifier head keeps its fresh initialisation, whatever its shape in the
-    checkpoint (fine-tuning on other classes). Every other tensor must match in name and shape, else
-    :class:`CheckpointMismatchError` lists the differences. Loads with ``weights_only=True`` and checks the file
-    and its digest (:func:`read_checkpoint`). Returns a one-line report.
+    Foreign key names are translated to the zoo's (:func:`translate_state_dict`). With ``reinit_head`` the
+    classifier head keeps its fresh initialisation, whatever its shape in the checkpoint (fine-tuning on other
+    classes). Every other tensor must match in name and shape, else :class:`CheckpointMismatchError` lists the
+    differences. Loads with ``weights_only=True`` and checks the file and its digest (:func:`read_checkpoint`).
+    Returns a one-line report (for a named source, with the preprocessing its weights were trained with).
     """
-    loaded = read_checkpoint(path, map_location="cpu", weights_only=True, what="model.init_from")
-    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
+    source = resolve_named_source(path) if is_named_source(path) else None
+    file = source.path if source is not None else path
+    if file.endswith(".safetensors"):
+        loaded: Any = read_safetensors(file, what="model.init_from")
+    else:
+        loaded = read_checkpoint(file, map_location="cpu", weights_only=True, what="model.init_from")
+    state = unwrap_state_dict(loaded)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointMismatchError(f"model.init_from: {path!r} holds neither a checkpoint nor a state dict")
     if any(key.startswith("net.") for key in state):  # a ResNetClassifier checkpoint
         state = {key[len("net.") :]: value for key, value in state.items() if key.startswith("net.")}
     own = net.state_dict()
+    if not is_external_layout(own):  # a network of torchvision's own naming takes its files as they are
+        state = translate_state_dict(state)
     head = classifier_head_prefix(net)
     head_keys = {key for key in own if head is not None and key.startswith(f"{head}.")}
     if reinit_head:
@@ -177,6 +190,8 @@ def load_network_weights(net: nn.Module, path: str, reinit_head: bool) -> str:
         )
     net.load_state_dict(compared_ckpt, strict=not reinit_head)
     report = f"resnet-lit: initialised {len(compared_ckpt)} tensors of the network from {path}"
+    if source is not None:
+        report += f" ({source.path}; trained with preprocessing: {source.describe_preprocessing()})"
     if reinit_head and head_keys:
         changes = []
         for key in sorted(head_keys):
