@@ -10,15 +10,13 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from lr_recorder import recorded_lrs
 from resnet_lit import NetworkConfig, ResidualBlock, ResNetClassifier
 from resnet_lit.cli import main
 from resnet_lit.errors import ResNetLitError
 from resnet_lit.optim import WarmupCosineLR, rescale_restored_lr
-from resnet_lit.training_cli import ResNetLitCLI
 
 QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
 
@@ -127,33 +125,18 @@ def test_batch_scaling_and_the_schedule_scale_all_groups_alike() -> None:
     assert scheduler.base_lrs == pytest.approx([lr / 2 for lr in peak])
 
 
-class LRRecorder(Callback):
-    """The learning rate of every group at every optimizer step, by global step."""
-
-    def __init__(self) -> None:
-        self.lrs: dict[int, list[float]] = {}
-
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
-        self.lrs[trainer.global_step] = [group["lr"] for group in optimizer.param_groups]
-
-
-def _recorded_lrs(args: list[str]) -> dict[int, list[float]]:
-    cli = ResNetLitCLI(args=[*args, f"--trainer.callbacks+={__name__}.LRRecorder"])
-    return next(cb for cb in cli.trainer.callbacks if isinstance(cb, LRRecorder)).lrs
-
-
 @pytest.mark.usefixtures("one_thread")
 def test_a_resume_with_another_lr_rescales_every_group_alike(tmp_path: Path) -> None:
     args = ["fit", "--config", QUICKSTART, "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches",
             "0", "--trainer.max_steps", "3", "--checkpoint.monitor", "null", "--checkpoint.every_n_train_steps", "1",
             "--checkpoint.save_top_k", "-1", "--model.layer_decay", "0.5",
             "--data.init_args.batch_size", "32"]  # fmt: skip
-    uninterrupted = _recorded_lrs([*args, "--trainer.default_root_dir", str(tmp_path / "a")])
+    uninterrupted = recorded_lrs([*args, "--trainer.default_root_dir", str(tmp_path / "a")])
     assert len(uninterrupted[0]) == 2 * (9 + 2)  # resnet20: head, 9 blocks, stem; decayed and exempt each
     (tmp_path / "b" / "checkpoints").mkdir(parents=True)
     shutil.copy(tmp_path / "a" / "checkpoints" / "epoch000-step1.ckpt", tmp_path / "b" / "checkpoints" / "last.ckpt")
-    resumed = _recorded_lrs([*args, "--trainer.default_root_dir", str(tmp_path / "b"), "--ckpt_path", "last",
-                             "--model.optimizer.init_args.lr", "0.05"])  # fmt: skip
+    resumed = recorded_lrs([*args, "--trainer.default_root_dir", str(tmp_path / "b"), "--ckpt_path", "last",
+                            "--model.optimizer.init_args.lr", "0.05"])  # fmt: skip
     assert sorted(resumed) == [1, 2]
     for step, lrs in resumed.items():
         assert lrs == pytest.approx([lr / 2 for lr in uninterrupted[step]], rel=1e-12)

@@ -11,18 +11,16 @@ import math
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import Callback
 
+from lr_recorder import recorded_lrs
 from resnet_lit.cli import main
 from resnet_lit.errors import ResNetLitError
 from resnet_lit.module import ResNetClassifier, global_batch_size
 from resnet_lit.optim import WarmupCosineLR
-from resnet_lit.training_cli import ResNetLitCLI
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -179,21 +177,6 @@ def test_an_epoch_schedule_without_max_epochs_takes_its_length_from_max_steps() 
         _epoch_scheduled(max_epochs=-1, max_steps=-1)
 
 
-class LRRecorder(Callback):
-    """The learning rate of every optimizer step, by global step."""
-
-    def __init__(self) -> None:
-        self.lrs: dict[int, list[float]] = {}
-
-    def on_before_optimizer_step(self, trainer: Trainer, pl_module: Any, optimizer: torch.optim.Optimizer) -> None:
-        self.lrs[trainer.global_step] = [group["lr"] for group in optimizer.param_groups]
-
-
-def _recorded_lrs(args: list[str]) -> dict[int, list[float]]:
-    cli = ResNetLitCLI(args=[*args, "--trainer.callbacks+=test_lr_scaling.LRRecorder"])
-    return next(cb for cb in cli.trainer.callbacks if isinstance(cb, LRRecorder)).lrs
-
-
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("reference", [None, 256], ids=["unscaled", "lr_reference_batch"])
 def test_resume_with_a_lower_lr_continues_the_schedule_at_that_lr(
@@ -206,7 +189,7 @@ def test_resume_with_a_lower_lr_continues_the_schedule_at_that_lr(
     if reference:
         args += ["--model.lr_reference_batch", str(reference)]
     peak = 0.1 * (32 / reference if reference else 1)
-    uninterrupted = _recorded_lrs([*args, "--trainer.default_root_dir", str(tmp_path / "a")])
+    uninterrupted = recorded_lrs([*args, "--trainer.default_root_dir", str(tmp_path / "a")])
     assert max(lr for lrs in uninterrupted.values() for lr in lrs) == pytest.approx(peak)
 
     resumed_dir = tmp_path / "b" / "checkpoints"
@@ -214,7 +197,7 @@ def test_resume_with_a_lower_lr_continues_the_schedule_at_that_lr(
     shutil.copy(tmp_path / "a" / "checkpoints" / "epoch000-step3.ckpt", resumed_dir / "last.ckpt")
     info.clear()
     run = [*args, "--trainer.default_root_dir", str(tmp_path / "b"), "--ckpt_path", "last"]
-    resumed = _recorded_lrs([*run, "--model.optimizer.init_args.lr", "0.05"])
+    resumed = recorded_lrs([*run, "--model.optimizer.init_args.lr", "0.05"])
     assert sorted(resumed) == [3, 4, 5]
     for step, lrs in resumed.items():
         assert lrs == pytest.approx([lr / 2 for lr in uninterrupted[step]], rel=1e-12)
@@ -224,6 +207,6 @@ def test_resume_with_a_lower_lr_continues_the_schedule_at_that_lr(
     if reference is None:  # an unchanged config resumes bit for bit, with nothing said
         shutil.copy(tmp_path / "a" / "checkpoints" / "epoch000-step3.ckpt", resumed_dir / "last.ckpt")
         info.clear()
-        unchanged = _recorded_lrs(run)
+        unchanged = recorded_lrs(run)
         assert unchanged == {step: uninterrupted[step] for step in (3, 4, 5)}
         assert not info
