@@ -13,10 +13,10 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
-from jsonargparse.typing import NonNegativeFloat, PositiveInt
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
@@ -30,8 +30,13 @@ from resnet_lit.fault_tolerance.checkpoint_io import (
 )
 from resnet_lit.fault_tolerance.checkpointing import in_gradient_accumulation
 from resnet_lit.fault_tolerance.distributed import is_sync_step
-from resnet_lit.fault_tolerance.nonfinite import NonFinitePolicy
+from resnet_lit.fault_tolerance.nonfinite import NonFinitePolicy, optimizer_step_dropped
+from resnet_lit.finetuning.ema import WeightEMA, align_ema_state
+from resnet_lit.finetuning.freezing import StageFreezer
+from resnet_lit.finetuning.preprocessing import normalisation_mismatch
+from resnet_lit.finetuning.tta import TestTimeAugmentation, augmented_logits
 from resnet_lit.models import NetworkConfig, create_model
+from resnet_lit.models.pretrained import is_named_source, resolve_named_source
 from resnet_lit.optim import (
     apply_lr_scales,
     check_layer_decay,
@@ -80,6 +85,15 @@ class ResNetClassifier(L.LightningModule):
         class_weights: weights of the training loss per class: a list of num_classes values, or "balanced"
             (n_samples / (num_classes x samples of the class), from the DataModule's `class_counts()` of the
             training split). The validation and test loss stay unweighted, so `val/loss` compares across runs.
+        freeze_stages: freeze the stem and the first K stages (0: nothing): their weights stay as loaded and their
+            BatchNorm layers stay in eval mode; see :mod:`resnet_lit.finetuning.freezing`.
+        unfreeze_at_epoch: train the frozen part from this epoch on, at the lr the schedule gives then (None: stay
+            frozen).
+        ema_decay: keep an exponential moving average of the weights with this decay (e.g. 0.9998; None: off),
+            warmed up over the first updates; validation, test, predict and the best checkpoint use it. See
+            :mod:`resnet_lit.finetuning.ema`.
+        tta: test-time augmentation of validation, test and predict: "flip" averages the logits of each image and
+            its mirror image; "none" turns it off.
     """
 
     def __init__(
@@ -105,6 +119,10 @@ class ResNetClassifier(L.LightningModule):
         reinit_head: bool = False,
         layer_decay: float | None = None,
         class_weights: Literal["balanced"] | list[NonNegativeFloat] | None = None,
+        freeze_stages: NonNegativeInt = 0,
+        unfreeze_at_epoch: PositiveInt | None = None,
+        ema_decay: float | None = None,
+        tta: TestTimeAugmentation = "none",
     ) -> None:
         super().__init__()
         if isinstance(net, dict):  # from a checkpoint's hyper_parameters
@@ -129,6 +147,7 @@ class ResNetClassifier(L.LightningModule):
         self._restored_lrs: list[float] | None = None  # the checkpoint's configured lr, while resuming a fit
         self.configure_network(init_from, reinit_head)
         check_layer_decay(self.net, layer_decay, arch)
+        self.freezer = StageFreezer(self.net, freeze_stages, unfreeze_at_epoch, arch)
         # The training loss's class weights (None: unweighted); "balanced" is filled in at setup("fit").
         weights = torch.tensor(class_weights, dtype=torch.float32) if isinstance(class_weights, list | tuple) else None
         self.register_buffer("class_weight", weights, persistent=False)
@@ -144,10 +163,17 @@ class ResNetClassifier(L.LightningModule):
             rank_zero_info(load_network_weights(self.net, init_from, reinit_head))
         elif reinit_head:
             raise CheckpointMismatchError("model.reinit_head needs model.init_from (the checkpoint to fine-tune from)")
+        # What the weights were trained with, compared with the data's normalisation at setup (named sources only).
+        self.pretrained_source = resolve_named_source(init_from) if init_from and is_named_source(init_from) else None
         if hparams.channels_last:
             self.net.to(memory_format=torch.channels_last)
+        # Copied before compiling: a compiled module is not safe to deep-copy.
+        ema_decay = hparams.get("ema_decay")
+        self.ema = WeightEMA(self.net, ema_decay) if ema_decay is not None else None
         if hparams.compile:
             self.net.compile()
+            if self.ema is not None:
+                self.ema.net.compile()
 
     def configure_batch_mixer(self) -> None:
         """`self.batch_mixer`: MixUp or CutMix (one of both, chosen per batch, when both are on), or None."""
@@ -191,11 +217,39 @@ class ResNetClassifier(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self._restored_lrs = None
+        datamodule = self.trainer.datamodule if _attached_to_a_trainer(self) else None
         if stage == "fit" and self.hparams.class_weights == "balanced":
-            self.class_weight = balanced_class_weights(self.trainer.datamodule, self.hparams.num_classes)
+            self.class_weight = balanced_class_weights(datamodule, self.hparams.num_classes)
+            if getattr(getattr(datamodule, "settings", None), "balanced_sampling", False):
+                rank_zero_warn(
+                    "resnet-lit: model.class_weights: balanced and data.init_args.balanced_sampling: true both correct "
+                    "for the class imbalance, so together they over-correct it; use one of them"
+                )
+        pipeline = getattr(datamodule, "pipeline", None)
+        if self.pretrained_source is not None and pipeline is not None:
+            warning = normalisation_mismatch(
+                self.pretrained_source.name, self.pretrained_source.preprocessing, pipeline.mean, pipeline.std
+            )
+            if warning:
+                rank_zero_warn(warning)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net(images.contiguous(memory_format=self.memory_format))
+
+    def inference_network(self) -> nn.Module:
+        """The network of validation, test and predict: the weight average with `ema_decay`, else `self.net`."""
+        return self.ema.net if self.ema is not None else self.net
+
+    def evaluation_logits(self, images: Tensor) -> Tensor:
+        """The logits of validation, test and predict: `inference_network()`, with `model.tta` if set."""
+        images = images.contiguous(memory_format=self.memory_format)
+        return augmented_logits(self.inference_network(), images, self.hparams.get("tta", "none"))
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then the weight average's update, unless the non-finite loss policy dropped it."""
+        super().optimizer_step(*args, **kwargs)
+        if self.ema is not None and not optimizer_step_dropped(self.trainer):
+            self.ema.update(self.net)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, targets = batch
@@ -226,6 +280,18 @@ class ResNetClassifier(L.LightningModule):
         trainer = self.trainer
         return not in_gradient_accumulation(trainer, batch_idx) and is_sync_step(trainer, trainer.global_step + 1)
 
+    def train(self, mode: bool = True) -> ResNetClassifier:
+        """`nn.Module.train`, keeping the BatchNorm layers of frozen stages in eval mode (see `StageFreezer`)."""
+        super().train(mode)
+        self.freezer.keep_norms_in_eval()
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        self.freezer.start_epoch(self.current_epoch, self.training)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self.freezer.drop_gradients()  # after fp16 unscaling, before gradient clipping and the step
+
     def on_train_epoch_end(self) -> None:
         self.log_dict(self.train_metrics)
 
@@ -249,7 +315,7 @@ class ResNetClassifier(L.LightningModule):
         prog_bar: bool = False,
     ) -> None:
         images, targets = batch
-        logits = self(images)
+        logits = self.evaluation_logits(images)
         metrics.update(logits, targets)
         confusion.update(logits, targets)
         # Logged as metric objects: Lightning computes them at the epoch end from counts summed over all ranks,
@@ -259,7 +325,7 @@ class ResNetClassifier(L.LightningModule):
     def predict_step(self, batch: tuple[Tensor, Any], batch_idx: int) -> dict[str, Any]:
         """Top-k class indices, names and probabilities per image, plus whatever identifies the images."""
         images, keys = batch
-        probs = self(images).softmax(dim=1)
+        probs = self.evaluation_logits(images).softmax(dim=1)
         k = min(self.hparams.predict_top_k, probs.shape[1])
         top_probs, top_classes = probs.topk(k, dim=1)
         return {
@@ -270,6 +336,9 @@ class ResNetClassifier(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        message = align_ema_state(checkpoint.get("state_dict", {}), self.ema)  # before the weights are loaded
+        if message:
+            rank_zero_info(message)
         if not _attached_to_a_trainer(self):  # load_from_checkpoint
             return
         if self.strict_loading:  # CLI --ckpt_path
@@ -302,6 +371,7 @@ class ResNetClassifier(L.LightningModule):
 
     def on_train_start(self) -> None:
         """A resumed run whose configured lr differs from the checkpoint's continues its schedule at the new lr."""
+        self.freezer.start_epoch(self.current_epoch, self.training)  # a resume mid-epoch skips on_train_epoch_start
         restored, self._restored_lrs = self._restored_lrs, None
         if restored is None:
             return

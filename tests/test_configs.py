@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from fakedata import write_fake_cifar10, write_fake_mnist, write_image_folder
+from offline_hub import cache_torchvision_weights, offline_torch_home
 from resnet_lit.cli import ResNetLitCLI, main
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -36,6 +39,13 @@ def _data_overrides(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     raise AssertionError(f"{config.name}: add generated data for {class_path} to this test")
 
 
+def _prepare_pretrained_weights(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A recipe that starts from a named source finds it in a prepared torch hub cache, with downloads refused."""
+    init_from = (yaml.safe_load(config.read_text())["model"] or {}).get("init_from") or ""
+    if init_from.startswith("torchvision:"):
+        cache_torchvision_weights(offline_torch_home(monkeypatch, tmp_path), init_from)
+
+
 def _config_id(path: Path) -> str:
     return str(path.relative_to(CONFIGS_DIR))
 
@@ -54,6 +64,7 @@ def test_print_config(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize("config", TRAINING_CONFIGS, ids=_config_id)
 def test_fast_dev_run_on_cpu(config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     overrides = _data_overrides(config, tmp_path / "data", monkeypatch)
+    _prepare_pretrained_weights(config, tmp_path, monkeypatch)
     cli = ResNetLitCLI(
         args=[
             "fit", "--config", str(config), *overrides,
@@ -98,3 +109,25 @@ def test_slurm_script_gives_every_srun_task_its_cpus(tmp_path: Path) -> None:
     assert "--trainer.devices 8" in (tmp_path / "srun.args").read_text()
     text = script.read_text()
     assert "GLOO_SOCKET_IFNAME" in text and "NCCL_SOCKET_IFNAME" in text and "NCCL_DEBUG=INFO" in text
+
+
+def test_finetune_recipe_starts_from_the_named_weights_frozen_with_an_average(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fine-tuning recipe loads the cached torchvision weights (head aside), freezes the stem and stage 1 in
+    its first epoch, keeps a weight average, and normalises the data as the weights were trained (no warning)."""
+    config = CONFIGS_DIR / "finetune_imagefolder.yaml"
+    overrides = _data_overrides(config, tmp_path / "data", monkeypatch)
+    cache = offline_torch_home(monkeypatch, tmp_path)
+    source = torch.load(cache_torchvision_weights(cache, "torchvision:resnet50.IMAGENET1K_V2"), weights_only=True)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        cli = ResNetLitCLI(args=["fit", "--config", str(config), *overrides, "--trainer.fast_dev_run", "true",
+                                 "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / "run"),
+                                 "--trainer.enable_progress_bar", "false"])  # fmt: skip
+    model = cli.model
+    assert not [w for w in record if "was trained with mean" in str(w.message)]
+    assert model.pretrained_source.name == "torchvision:resnet50.IMAGENET1K_V2"
+    assert model.freezer.frozen_at(0) and not model.freezer.frozen_at(1)
+    torch.testing.assert_close(model.net.stem.conv.weight, source["conv1.weight"], rtol=0, atol=0)  # still frozen
+    assert model.ema is not None and model.hparams.num_classes == 3 and model.net.head.fc.out_features == 3

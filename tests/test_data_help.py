@@ -17,6 +17,7 @@ SHARED = {  # declared once, in ImageDataModule
     "pin_memory": ("bool", "True"),
     "persistent_workers": ("bool", "False"),
     "drop_last": ("bool", "True"),
+    "balanced_sampling": ("bool", "False"),
     "val_fraction": ("float", "0.0"),
     "seed": ("int", "0"),
     "augment": ("Literal['none', 'trivialaugment', 'randaugment']", "none"),

@@ -1,6 +1,7 @@
 """Data layer: LightningDataModules with distributed-aware, resumable, seeded sampling."""
 
 from .backends import DataLoaderBackend, DeviceBackend, LoaderBackend
+from .balanced import BalancedTrainSampler
 from .base import ImageDataModule
 from .datasets import CorruptCounter, ImageFileDataset, SeededTransformDataset
 from .digits import DigitsDataModule
@@ -21,6 +22,7 @@ from .torchvision_sets import (
 )
 
 __all__ = [
+    "BalancedTrainSampler",
     "BatchFinisher",
     "CIFAR10DataModule",
     "CIFAR100DataModule",

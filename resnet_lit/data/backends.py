@@ -16,6 +16,8 @@ from typing import Any, Literal, NamedTuple, Protocol
 import torch
 from torch.utils.data import Dataset
 
+from .balanced import BalancedTrainSampler
+from .class_counts import dataset_targets
 from .datasets import SeededTransformDataset
 from .device_store import DeviceImageStore
 from .errors import DataConfigError
@@ -39,6 +41,7 @@ class LoaderSettings:
     pin_memory: bool = True
     persistent_workers: bool = False
     drop_last: bool = True
+    balanced_sampling: bool = False
 
 
 class Placement(NamedTuple):
@@ -49,8 +52,13 @@ class Placement(NamedTuple):
     world_size: int = 1
     device: torch.device | None = None
 
-    def train_sampler(self, size: int) -> ResumableTrainSampler:
-        return ResumableTrainSampler(size, num_replicas=self.world_size, rank=self.rank, seed=self.seed)
+    def train_sampler(self, train: Dataset, balanced: bool = False) -> ResumableTrainSampler:
+        """The train sampler of this rank; ``balanced``: one that draws each class equally often, from the labels
+        of ``train`` (read without decoding images, see :func:`~resnet_lit.data.class_counts.dataset_targets`)."""
+        shard = {"num_replicas": self.world_size, "rank": self.rank, "seed": self.seed}
+        if balanced:
+            return BalancedTrainSampler(dataset_targets(train), **shard)
+        return ResumableTrainSampler(len(train), **shard)  # type: ignore[arg-type]
 
     def eval_sampler(self, size: int) -> EvalShardSampler:
         return EvalShardSampler(size, num_replicas=self.world_size, rank=self.rank)
@@ -145,7 +153,7 @@ class DataLoaderBackend:
         """Nothing to prepare: samples are read when a batch is drawn."""
 
     def train_loader(self, splits: RawSplits, place: Placement) -> TrainDataLoader:
-        sampler = place.train_sampler(len(splits.train))  # type: ignore[arg-type]
+        sampler = place.train_sampler(splits.train, self.settings.balanced_sampling)
         raw = self.normalize_on_device
         return TrainDataLoader(
             SeededTransformDataset(splits.train, self.pipeline.train(normalize=not raw), raw=raw),
@@ -190,7 +198,7 @@ class DeviceBackend:
 
     def train_loader(self, splits: RawSplits, place: Placement) -> DeviceTrainLoader:
         self.store(splits)
-        sampler = place.train_sampler(len(splits.train))  # type: ignore[arg-type]
+        sampler = place.train_sampler(splits.train, self.settings.balanced_sampling)
         drop_last = train_drop_last(self.settings, len(sampler), place)
         return DeviceTrainLoader(sampler, self.settings.batch_size, drop_last, device=place.device)
 

@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import lightning as L
 
 from .backends import LoaderBackend, LoaderKind, LoaderSettings, Placement, make_backend
+from .balanced import BalancedTrainSampler, report_balance
 from .class_counts import class_counts
 from .datasets import CorruptCounter
 from .errors import DataConfigError, require_positive
@@ -41,6 +42,11 @@ class ImageDataModule(L.LightningDataModule):
         persistent_workers: Keep the workers between epochs.
         drop_last: Drop the last incomplete training batch. A last batch of one sample is dropped anyway (BatchNorm
             cannot train on it), with a warning.
+        balanced_sampling: Draw every class of the training split equally often (±1) in each epoch, which stays as
+            long as the dataset: a large class gives a random subset, a small one repeats its samples (each repeat
+            augmented on its own). Seeded per epoch, the same on every process, exact on resume. Classes without a
+            training sample are left out, with a warning. Use it instead of ``model.class_weights: balanced``, not
+            with it (that would correct for the imbalance twice).
         val_fraction: Seeded share of train held out for validation where the dataset has no val split.
         seed: Seed of the val split, the shuffling and the per-sample augmentation.
         augment: Extra augmentation policy after the geometric one.
@@ -76,6 +82,7 @@ class ImageDataModule(L.LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = False,
         drop_last: bool = True,
+        balanced_sampling: bool = False,
         val_fraction: float = 0.0,
         seed: int = 0,
         augment: Augment = "none",
@@ -105,7 +112,13 @@ class ImageDataModule(L.LightningDataModule):
         self.predict_dir = predict_dir
         self.skip_corrupt = skip_corrupt
         self.settings = LoaderSettings(
-            batch_size, eval_batch_size or batch_size, num_workers, pin_memory, persistent_workers, drop_last
+            batch_size,
+            eval_batch_size or batch_size,
+            num_workers,
+            pin_memory,
+            persistent_workers,
+            drop_last,
+            balanced_sampling,
         )
         self.pipeline = ImagePipeline(
             transform_style,
@@ -123,6 +136,7 @@ class ImageDataModule(L.LightningDataModule):
         self._train_loader: ResumableLoader | None = None
         self._restored_position: dict[str, Any] | None = None  # from load_state_dict, for the next train loader
         self._predict_dataset: PredictFolderDataset | None = None
+        self._balance_reported = False
 
     # --- what subclasses provide ---------------------------------------------------------------------
     @property
@@ -218,6 +232,9 @@ class ImageDataModule(L.LightningDataModule):
             loader.load_state_dict(self._restored_position)
             self._restored_position = None
         self._train_loader, self.train_sampler = loader, loader.sampler
+        if isinstance(loader.sampler, BalancedTrainSampler) and not self._balance_reported:
+            report_balance(loader.sampler, self.class_names)
+            self._balance_reported = True
         return loader
 
     def val_dataloader(self) -> Any:

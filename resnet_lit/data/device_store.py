@@ -1,8 +1,9 @@
 """The in-memory store of ``loader: device``: every split as one uint8 tensor on the training device.
 
 An :class:`~resnet_lit.data.loaders.IndexBatch` becomes ``(images, targets)`` in one batched gather there: the
-CIFAR random crop (zero padding) and flip as index arithmetic seeded by ``(seed, epoch, index)``, then the
-normalisation and random erasing, so no DataLoader decodes, augments or collates images one by one on the CPU.
+CIFAR random crop (zero padding) and flip as index arithmetic seeded by ``(seed, epoch, index)`` (a repeated
+sample's draw instead of its index), then the normalisation and random erasing, so no DataLoader decodes, augments
+or collates images one by one on the CPU.
 Without crop and flip the batches equal the DataLoader path's (normalisation and erasing are the same code, see
 :mod:`~resnet_lit.data.finish`). Images are stored NHWC: a gathered batch is already ``channels_last``.
 """
@@ -127,7 +128,8 @@ class DeviceImageStore:
         indices = batch.indices
         data = self.split(batch.split, indices.device)
         augmented = batch.split == "train" and (self.crop_padding or self.flip or self.random_erasing > 0)
-        seeds = sample_seeds(batch.seed, batch.epoch, indices) if augmented else None
+        draws = indices if batch.draws is None else batch.draws  # a repeated sample's draw seeds its augmentation
+        seeds = sample_seeds(batch.seed, batch.epoch, draws) if augmented else None
         if seeds is not None and (self.crop_padding or self.flip):
             images = self._augmented(data.images, indices, seeds)
         else:

@@ -123,12 +123,14 @@ class TrainDataLoader(ResumableLoader, SeededDataLoader):
 
 class IndexBatch(NamedTuple):
     """What a device-path loader yields: the dataset indices of a batch, their split, and the ``(seed, epoch)``
-    their augmentation comes from."""
+    their augmentation comes from; ``draws`` where the epoch repeats samples (see :class:`ResumableTrainSampler`),
+    whose augmentation seeds come from the draws instead of the indices."""
 
     indices: Tensor
     split: str
     epoch: int = 0
     seed: int = 0
+    draws: Tensor | None = None
 
 
 class DeviceTrainLoader(ResumableLoader):
@@ -153,9 +155,11 @@ class DeviceTrainLoader(ResumableLoader):
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def _batches_from(self, epoch: int, batches_done: int) -> Iterator[IndexBatch]:
-        order = self.sampler.epoch_indices(epoch)[batches_done * self.batch_size :]
-        order_tensor = torch.tensor(order, dtype=torch.int64, device=self.device)
-        return _index_batches(order_tensor, self.batch_size, self.drop_last, "train", epoch, self.sampler.seed)
+        order = self.sampler.epoch_draws(epoch)[batches_done * self.batch_size :]
+        draws, size = torch.tensor(order, dtype=torch.int64), self.sampler.dataset_size
+        repeated = draws.to(self.device) if order and max(order) >= size else None  # an epoch that repeats samples
+        indices = (draws if repeated is None else draws % size).to(self.device)
+        return _index_batches(indices, self.batch_size, self.drop_last, "train", epoch, self.sampler.seed, repeated)
 
 
 class DeviceEvalLoader:
@@ -180,10 +184,10 @@ class DeviceEvalLoader:
 
 
 def _index_batches(
-    order: Tensor, batch_size: int, drop_last: bool, split: str, epoch: int, seed: int
+    order: Tensor, batch_size: int, drop_last: bool, split: str, epoch: int, seed: int, draws: Tensor | None = None
 ) -> Iterator[IndexBatch]:
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         if drop_last and len(chunk) < batch_size:
             return
-        yield IndexBatch(chunk, split, epoch, seed)
+        yield IndexBatch(chunk, split, epoch, seed, None if draws is None else draws[start : start + batch_size])

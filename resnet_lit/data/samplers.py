@@ -15,10 +15,15 @@ from .seeds import mix_seed, sample_seed
 class ResumableTrainSampler(Sampler[tuple[int, int]]):
     """Seeded, sharded, padded training sampler that can resume mid-epoch.
 
-    Every epoch draws ``torch.randperm(dataset_size)`` from a generator seeded with ``(seed, epoch)``, pads it
-    by wrapping around to a multiple of ``num_replicas`` and gives rank ``r`` the items ``r::num_replicas``.
-    Items are ``(index, sample_seed)`` pairs; wrap datasets with
-    :class:`~resnet_lit.data.datasets.SeededTransformDataset` to consume them.
+    Every epoch draws its order (:meth:`epoch_order`, here ``torch.randperm(dataset_size)``) from a generator
+    seeded with ``(seed, epoch)``, pads it by wrapping around to a multiple of ``num_replicas`` and gives rank ``r``
+    the items ``r::num_replicas``. Items are ``(index, sample_seed)`` pairs; wrap datasets with
+    :class:`~resnet_lit.data.datasets.SeededTransformDataset` to consume them. Subclasses change the order only
+    (e.g. :class:`~resnet_lit.data.balanced.BalancedTrainSampler`), so sharding and resuming stay the same.
+
+    The order holds *draws*: a dataset index plus ``k * dataset_size`` for the ``k``-th repeat of that sample in
+    an epoch order that repeats samples, so each repeat gets its own augmentation seed
+    ``sample_seed(seed, epoch, draw)``; here every draw is an index.
 
     Resuming: :meth:`resume` arms the *next* iteration to replay ``epoch`` starting after
     ``num_batches * batch_size`` items of this rank's permutation, i.e. exactly the tail of the uninterrupted
@@ -68,23 +73,36 @@ class ResumableTrainSampler(Sampler[tuple[int, int]]):
         """The epoch that the next iteration yields (an armed resume wins over :meth:`set_epoch`)."""
         return self._armed[0] if self._armed is not None else self.epoch
 
-    def epoch_indices(self, epoch: int) -> list[int]:
-        """This rank's full list of dataset indices for ``epoch`` (no skipping)."""
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
-            order = torch.randperm(self.dataset_size, generator=generator).tolist()
-        else:
-            order = list(range(self.dataset_size))
-        total = self.num_samples * self.num_replicas
+    @property
+    def epoch_length(self) -> int:
+        """Draws per epoch over all ranks: the dataset size padded to a multiple of ``num_replicas``."""
+        return self.num_samples * self.num_replicas
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The draws of ``epoch`` over all ranks, before padding and sharding: a pure function of the seed and
+        ``epoch`` (and what a subclass was built from), so every rank and every resume computes the same order."""
+        if not self.shuffle:
+            return list(range(self.dataset_size))
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+        return torch.randperm(self.dataset_size, generator=generator).tolist()
+
+    def epoch_draws(self, epoch: int) -> list[int]:
+        """This rank's full list of draws for ``epoch`` (no skipping)."""
+        order = self.epoch_order(epoch)
+        total = self.epoch_length
         while len(order) < total:  # loop: padding may exceed the dataset size when it is tiny
             order += order[: total - len(order)]
         return order[self.rank : total : self.num_replicas]
 
+    def epoch_indices(self, epoch: int) -> list[int]:
+        """This rank's full list of dataset indices for ``epoch`` (no skipping)."""
+        return [draw % self.dataset_size for draw in self.epoch_draws(epoch)]
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch, skip = self._armed if self._armed is not None else (self.epoch, 0)
         self._armed = None
-        for index in self.epoch_indices(epoch)[skip:]:
-            yield index, sample_seed(self.seed, epoch, index)
+        for draw in self.epoch_draws(epoch)[skip:]:
+            yield draw % self.dataset_size, sample_seed(self.seed, epoch, draw)
 
     def __len__(self) -> int:
         return self.num_samples

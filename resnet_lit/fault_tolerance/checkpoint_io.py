@@ -148,9 +148,10 @@ def classifier_head_prefix(net: nn.Module) -> str | None:
 
 
 def load_network_weights(net: nn.Module, path: str, reinit_head: bool) -> str:
-    """Load ``path`` into ``net``: a resnet-lit/Lightning checkpoint, a plain state dict of the network, a
-    torchvision- or timm-format ResNet state dict (``.pth``/``.pt``), a ``.safetensors`` file of any of these,
-    or a named source ``torchvision:<arch>.<WEIGHTS>`` (see :mod:`resnet_lit.models.pretrained`).
+    """Load ``path`` into ``net``: a resnet-lit/Lightning checkpoint (its weight average of ``model.ema_decay``
+    when it holds one), a plain state dict of the network, a torchvision- or timm-format ResNet state dict
+    (``.pth``/``.pt``), a ``.safetensors`` file of any of these, or a named source
+    ``torchvision:<arch>.<WEIGHTS>`` (see :mod:`resnet_lit.models.pretrained`).
 
     Foreign key names are translated to the zoo's (:func:`translate_state_dict`). With ``reinit_head`` the
     classifier head keeps its fresh initialisation, whatever its shape in the checkpoint (fine-tuning on other
@@ -167,8 +168,10 @@ def load_network_weights(net: nn.Module, path: str, reinit_head: bool) -> str:
     state = unwrap_state_dict(loaded)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointMismatchError(f"model.init_from: {path!r} holds neither a checkpoint nor a state dict")
-    if any(key.startswith("net.") for key in state):  # a ResNetClassifier checkpoint
-        state = {key[len("net.") :]: value for key, value in state.items() if key.startswith("net.")}
+    # A ResNetClassifier checkpoint: its weight average (model.ema_decay) when it has one, which is what was validated.
+    prefix = "ema.net." if any(key.startswith("ema.net.") for key in state) else "net."
+    if any(key.startswith(prefix) for key in state):
+        state = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
     own = net.state_dict()
     if not is_external_layout(own):  # a network of torchvision's own naming takes its files as they are
         state = translate_state_dict(state)
@@ -190,6 +193,8 @@ def load_network_weights(net: nn.Module, path: str, reinit_head: bool) -> str:
         )
     net.load_state_dict(compared_ckpt, strict=not reinit_head)
     report = f"resnet-lit: initialised {len(compared_ckpt)} tensors of the network from {path}"
+    if prefix == "ema.net.":
+        report += " (its weight average, model.ema_decay)"
     if source is not None:
         report += f" ({source.path}; trained with preprocessing: {source.describe_preprocessing()})"
     if reinit_head and head_keys:

@@ -76,6 +76,7 @@ class NonFiniteLossPolicy(Callback):
         self.last_saved_step: int | None = None  # global step of the last checkpoint written (or resumed from)
         self._batch_idx = 0
         self._drop_step = False
+        self.step_dropped = False  # whether the last optimizer step's gradients were discarded ("skip")
         self._restore_buffers = False
         self._buffers: list[Tensor] = []
         self._snapshot: list[Tensor] = []
@@ -115,6 +116,7 @@ class NonFiniteLossPolicy(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        self.step_dropped = self._drop_step  # read through `optimizer_step_dropped` after the step
         if self._drop_step:  # parameters without gradients are left alone by every torch optimizer
             optimizer.zero_grad(set_to_none=True)
             self._drop_step = False
@@ -233,6 +235,15 @@ class NonFiniteLossPolicy(Callback):
                 step = "" if self.last_saved_step is None else f" (step {self.last_saved_step})"
                 return f"last good checkpoint: {path}{step}"
         return "no checkpoint was written before it"
+
+
+def optimizer_step_dropped(trainer: pl.Trainer) -> bool:
+    """Whether the `NonFiniteLossPolicy` among `trainer.callbacks` dropped the last optimizer step (its gradients
+    were discarded, so the weights did not move); False without one. Decided on the host: no sync."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, NonFiniteLossPolicy):
+            return callback.step_dropped
+    return False
 
 
 def _describe(loss: Tensor) -> str:
