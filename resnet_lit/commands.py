@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from resnet_lit.models import BLOCKS, MODELS, ResNet, create_model, format_summary, summarize
+from resnet_lit.models.gradient_flow import format_gradient_flow, initial_gradient_flow, plot_gradient_flow
 
 ZOO_COMMANDS = ("models", "blocks", "describe")
 
@@ -30,7 +31,19 @@ def run_zoo_command(argv: Sequence[str]) -> int:
     describe.add_argument("name", help="architecture name, e.g. resnet50")
     describe.add_argument("--image-size", type=_positive_int, help="input side (default 224; 32 for CIFAR)")
     describe.add_argument("--in-channels", type=_positive_int, help="input channels (default: the model's)")
+    describe.add_argument(
+        "--gradients", action="store_true",
+        help="instead: gradient norms per stage and per block after one forward/backward at initialisation",
+    )  # fmt: skip
+    describe.add_argument("--plot", metavar="PATH", help="with --gradients: plot the norm per block into a PNG")
+    describe.add_argument("--batch-size", type=_positive_int, help="with --gradients: random images (default 8)")
+    describe.add_argument("--seed", type=int, help="with --gradients: seed of the weights and the batch (default 0)")
     args = parser.parse_args(list(argv))
+    if args.command == "describe" and not args.gradients:
+        extra = [flag for flag, value in (("--plot", args.plot), ("--batch-size", args.batch_size),
+                                          ("--seed", args.seed)) if value is not None]  # fmt: skip
+        if extra:
+            describe.error(f"{', '.join(extra)} {'needs' if len(extra) == 1 else 'need'} --gradients")
 
     if args.command in ("models", "blocks"):
         registry = MODELS if args.command == "models" else BLOCKS
@@ -43,8 +56,25 @@ def run_zoo_command(argv: Sequence[str]) -> int:
         for name in BLOCKS.names(args.pattern):
             cls = BLOCKS.get(name)
             print(f"{name:<20} {BLOCKS.origin(name):<24} {cls.__module__}.{cls.__qualname__}")
+    elif args.gradients:
+        return _describe_gradients(args)
     else:
         return _describe(args.name, args.image_size, args.in_channels)
+    return 0
+
+
+def _describe_gradients(args: argparse.Namespace) -> int:
+    flow = initial_gradient_flow(
+        args.name,
+        batch_size=args.batch_size or 8,
+        seed=args.seed or 0,
+        image_size=args.image_size,
+        in_channels=args.in_channels,
+    )
+    print(format_gradient_flow(flow))
+    if args.plot:
+        plot_gradient_flow({args.name: flow}, args.plot, title=f"{args.name}: gradient norm per block at init")
+        print(f"plot: {args.plot}")
     return 0
 
 

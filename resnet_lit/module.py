@@ -74,6 +74,10 @@ class ResNetClassifier(L.LightningModule):
         no_weight_decay_on_norm_and_bias: exempt norm and bias parameters from weight decay.
         channels_last: run the network in NHWC memory format (faster on GPUs and on this CPU).
         compile: `torch.compile` the network.
+        grad_checkpointing: recompute each block's activations in the backward pass instead of keeping them
+            (the network's `set_grad_checkpointing`): much less activation memory for about one more forward pass
+            per step; training is the same, BatchNorm statistics included. See
+            :mod:`resnet_lit.models.grad_checkpoint`.
         predict_top_k: how many classes `predict_step` returns per image.
         nonfinite_loss: on a NaN/inf training loss, "stop" training (naming the step and the last checkpoint)
             or "skip" the step on all ranks and count it; applied by the `NonFiniteLossPolicy` callback.
@@ -113,6 +117,7 @@ class ResNetClassifier(L.LightningModule):
         no_weight_decay_on_norm_and_bias: bool = False,
         channels_last: bool = True,
         compile: bool = False,
+        grad_checkpointing: bool = False,
         predict_top_k: PositiveInt = 5,
         nonfinite_loss: NonFinitePolicy = "stop",
         init_from: str | None = None,
@@ -163,6 +168,13 @@ class ResNetClassifier(L.LightningModule):
             rank_zero_info(load_network_weights(self.net, init_from, reinit_head))
         elif reinit_head:
             raise CheckpointMismatchError("model.reinit_head needs model.init_from (the checkpoint to fine-tune from)")
+        if hparams.get("grad_checkpointing"):
+            if not callable(getattr(self.net, "set_grad_checkpointing", None)):
+                raise ResNetLitError(
+                    f"model.grad_checkpointing: true needs a network with set_grad_checkpointing(), but model.arch "
+                    f"{hparams.arch!r} builds a {type(self.net).__name__}; set model.grad_checkpointing: false"
+                )
+            self.net.set_grad_checkpointing(True)
         # What the weights were trained with, compared with the data's normalisation at setup (named sources only).
         self.pretrained_source = resolve_named_source(init_from) if init_from and is_named_source(init_from) else None
         if hparams.channels_last:

@@ -19,7 +19,7 @@ BlockArgs = Mapping[str, Any] | Sequence[Mapping[str, Any]]
 BUILDER_ARGS: dict[str, str] = {
     "in_channels": "widths", "channels": "widths", "stride": "strides", "groups": "groups",
     "width_per_group": "width_per_group", "shortcut": "shortcut", "norm_layer": "norm", "act_layer": "act",
-    "drop_path": "drop_path",
+    "drop_path": "drop_path", "residual": "residual",
 }  # fmt: skip
 
 _NAMED = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)

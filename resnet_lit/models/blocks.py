@@ -2,7 +2,7 @@
 
 `ResidualBlock` is the protocol every block follows, so the network builder, YAML configs and plugins can
 treat all blocks alike: a subclass builds and computes only its residual branch f; the base class owns the
-shortcut, stochastic depth and the activation after the sum.
+shortcut, stochastic depth and the activation after the sum, and drops the shortcut of a plain network.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class ResidualBlock(nn.Module):
         norm_layer: factory `channels -> nn.Module`.
         act_layer: activation factory accepting `inplace=`.
         drop_path: stochastic-depth probability of this block.
+        residual: False builds the block of a plain network: no shortcut module and no sum, g(x) = act(f(x)).
     """
 
     expansion: ClassVar[int] = 1
@@ -59,12 +60,17 @@ class ResidualBlock(nn.Module):
         norm_layer: NormLayer = nn.BatchNorm2d,
         act_layer: ActLayer = nn.ReLU,
         drop_path: float = 0.0,
+        residual: bool = True,
     ) -> None:
         super().__init__()
+        if not residual and drop_path > 0:
+            raise ValueError(f"drop_path={drop_path} needs residual=True: a block without a shortcut cannot be dropped")
         self.in_channels = in_channels
         self.out_channels = channels * self.expansion
         self.stride = stride
-        self.shortcut = build_shortcut(shortcut, in_channels, self.out_channels, stride, norm_layer)
+        self.shortcut: nn.Module | None = (
+            build_shortcut(shortcut, in_channels, self.out_channels, stride, norm_layer) if residual else None
+        )
         self.drop_path = DropPath(drop_path)
         self.act = make_act(act_layer) if self.post_activation else nn.Identity()
 
@@ -73,7 +79,13 @@ class ResidualBlock(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} must implement residual()")
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.act(self.drop_path(self.residual(x)) + self.shortcut(x))
+        return self.merge(self.residual(x), x)
+
+    def merge(self, branch: Tensor, shortcut_input: Tensor) -> Tensor:
+        """act(drop_path(branch) + shortcut(shortcut_input)), or act(branch) in a plain network (no shortcut)."""
+        if self.shortcut is None:
+            return self.act(branch)
+        return self.act(self.drop_path(branch) + self.shortcut(shortcut_input))
 
     def zero_init_last(self) -> None:
         """Make f(x) start at zero, so the block starts as its shortcut (Goyal et al., 2017).
@@ -96,6 +108,20 @@ def zero_norm_weight(block: nn.Module, norm: nn.Module) -> None:
     nn.init.zeros_(norm.weight)
 
 
+def require_ungrouped(name: str, groups: int, width_per_group: int, instead: str) -> None:
+    """Refuse the ResNeXt/Wide-ResNet settings in block `name`, whose convolutions take neither; name `instead`."""
+    if groups != 1 or width_per_group != 64:
+        raise ValueError(
+            f"block {name!r} supports only groups=1 and width_per_group=64, got groups={groups}, "
+            f"width_per_group={width_per_group}; use block {instead!r} for ResNeXt/Wide-ResNet"
+        )
+
+
+def bottleneck_width(channels: int, groups: int, width_per_group: int) -> int:
+    """Channels of a bottleneck's grouped 3x3 convolution: ResNeXt's `groups` x `width_per_group` scaled widths."""
+    return int(channels * (width_per_group / 64.0)) * groups
+
+
 class BasicBlock(ResidualBlock):
     """Two 3x3 convolutions (ResNet-18/34 and the CIFAR ResNets)."""
 
@@ -106,11 +132,7 @@ class BasicBlock(ResidualBlock):
         norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = nn.ReLU, **kwargs: Any,
     ) -> None:  # fmt: skip
         super().__init__(in_channels, channels, stride, norm_layer=norm_layer, act_layer=act_layer, **kwargs)
-        if groups != 1 or width_per_group != 64:
-            raise ValueError(
-                f"block 'basic' supports only groups=1 and width_per_group=64, got groups={groups}, "
-                f"width_per_group={width_per_group}; use block 'bottleneck' for ResNeXt/Wide-ResNet"
-            )
+        require_ungrouped("basic", groups, width_per_group, instead="bottleneck")
         self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
         self.bn1 = norm_layer(channels)
         self.act1 = make_act(act_layer)
@@ -134,7 +156,7 @@ class Bottleneck(ResidualBlock):
         norm_layer: NormLayer = nn.BatchNorm2d, act_layer: ActLayer = nn.ReLU, **kwargs: Any,
     ) -> None:  # fmt: skip
         super().__init__(in_channels, channels, stride, norm_layer=norm_layer, act_layer=act_layer, **kwargs)
-        width = int(channels * (width_per_group / 64.0)) * groups
+        width = bottleneck_width(channels, groups, width_per_group)
         self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
         self.bn1 = norm_layer(width)
         self.act1 = make_act(act_layer)

@@ -14,7 +14,8 @@ class NetworkConfig:
 
     Any field maps to the `ResNet` constructor argument of the same name, so
     `net: {stem: deep, shortcut: avgpool_conv_bn}` turns a ResNet-50 into a ResNet-D, and
-    `net: {block: se_bottleneck, block_args: {reduction: 8}}` sets an option of every block.
+    `net: {block: se_bottleneck, block_args: {reduction: 8}}` sets an option of every block, and
+    `net: {residual: false}` builds the plain network of the same layers (no shortcuts).
     """
 
     block: str | list[str] | None = None
@@ -31,6 +32,7 @@ class NetworkConfig:
     act: str | None = None
     zero_init_residual: bool | None = None
     drop_path: NonNegativeFloat | None = None
+    residual: bool | None = None
     dropout: NonNegativeFloat | None = None
 
     def overrides(self) -> dict[str, Any]:

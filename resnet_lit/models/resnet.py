@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from resnet_lit.models.block_options import BlockArgs, block_label, per_stage_block_args
 from resnet_lit.models.blocks import BLOCKS, ResidualBlock
 from resnet_lit.models.errors import ModelConfigError
+from resnet_lit.models.grad_checkpoint import checkpointed_call
 from resnet_lit.models.layers import ActLayer, NormLayer, resolve_act, resolve_norm
 from resnet_lit.models.shortcuts import SHORTCUTS, ShortcutFactory
 from resnet_lit.models.stems import STEMS, StemFactory
@@ -39,6 +40,8 @@ class ResNet(nn.Module):
         num_classes: classifier outputs.
         zero_init_residual: start every residual branch at zero (needs `zero_init_last()` on the block).
         drop_path: stochastic-depth rate of the last block; earlier blocks scale linearly from 0.
+        residual: False builds a plain network (He et al. 2016's baselines): the same layers without any
+            shortcut or sum, g(x) = act(f(x)).
         groups: grouped-convolution cardinality (ResNeXt).
         width_per_group: channels per group (64 = ResNet; 128 = Wide-ResNet-x2).
         norm: norm layer name ("batchnorm", "groupnorm", ...) or factory.
@@ -62,6 +65,7 @@ class ResNet(nn.Module):
         num_classes: int = 1000,
         zero_init_residual: bool = False,
         drop_path: float = 0.0,
+        residual: bool = True,
         groups: int = 1,
         width_per_group: int = 64,
         norm: str | NormLayer = "batchnorm",
@@ -79,6 +83,11 @@ class ResNet(nn.Module):
                         groups=groups, width_per_group=width_per_group)  # fmt: skip
         if not 0.0 <= drop_path < 1.0:
             raise ModelConfigError(f"drop_path must be in [0, 1), got {drop_path}")
+        if not residual and drop_path > 0:
+            raise ModelConfigError(
+                f"net.drop_path={drop_path} needs a residual network, but net.residual is false: a plain network "
+                "has no shortcut to keep when a block is dropped; set net.drop_path: 0 or net.residual: true"
+            )
         if isinstance(shortcut, str):
             SHORTCUTS.get(shortcut)
         norm_layer, act_layer = resolve_norm(norm), resolve_act(act)
@@ -106,6 +115,7 @@ class ResNet(nn.Module):
                     norm_layer=norm_layer,
                     act_layer=act_layer,
                     drop_path=rates[block_index],
+                    residual=residual,
                     **options,
                 )
                 channels_in = unit.out_channels
@@ -113,7 +123,11 @@ class ResNet(nn.Module):
                 stage.append(unit)
             self.stages.append(nn.Sequential(*stage))
         self.num_features = channels_in
-        self.head = ClassifierHead(channels_in, num_classes, dropout)
+        # Pre-activation blocks end with the sum: the final norm and activation go before the pooling.
+        pre_activation = not blocks[-1][1].post_activation
+        self.head = ClassifierHead(
+            channels_in, num_classes, dropout, norm_layer=norm_layer if pre_activation else None, act_layer=act_layer
+        )
         self._init_weights(zero_init_residual)
 
     def _init_weights(self, zero_init_residual: bool) -> None:
@@ -128,11 +142,27 @@ class ResNet(nn.Module):
                 if isinstance(m, ResidualBlock):
                     m.zero_init_last()
 
+    grad_checkpointing = False  # see set_grad_checkpointing
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint every block while training: keep only the blocks' inputs for the backward pass and
+        recompute the rest there, trading about one more forward pass for much less activation memory.
+
+        The recomputation updates no BatchNorm statistics and draws the same random numbers (see
+        :mod:`resnet_lit.models.grad_checkpoint`), so training is the same as without; timm's name.
+        """
+        self.grad_checkpointing = enable
+
     def forward_features(self, x: Tensor) -> Tensor:
         """Feature map before pooling."""
         x = self.stem(x)
+        checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for stage in self.stages:
-            x = stage(x)
+            if checkpointing:
+                for block in stage:
+                    x = checkpointed_call(block, x)
+            else:
+                x = stage(x)
         return x
 
     def forward(self, x: Tensor) -> Tensor:
@@ -140,16 +170,28 @@ class ResNet(nn.Module):
 
 
 class ClassifierHead(nn.Module):
-    """Global average pooling, optional dropout and a linear classifier."""
+    """An optional norm and activation, global average pooling, optional dropout and a linear classifier.
 
-    def __init__(self, in_features: int, num_classes: int, dropout: float = 0.0) -> None:
+    The norm and activation are the final ones of a pre-activation network (`norm_layer` given). They sit in the
+    head so that layer-wise LR decay treats them as head, stage freezing never freezes them, and
+    `model.reinit_head` (which re-initialises only the last `nn.Linear`) keeps them.
+    """
+
+    def __init__(
+        self, in_features: int, num_classes: int, dropout: float = 0.0, *, norm_layer: NormLayer | None = None,
+        act_layer: ActLayer = nn.ReLU,
+    ) -> None:  # fmt: skip
         super().__init__()
+        # Identity modules hold no state: post-activation networks keep their state_dict keys. The activation is
+        # not in place: with norm "identity" its input would be the features that forward_features returned.
+        self.norm = norm_layer(in_features) if norm_layer is not None else nn.Identity()
+        self.act = act_layer() if norm_layer is not None else nn.Identity()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(in_features, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.dropout(torch.flatten(self.pool(x), 1)))
+        return self.fc(self.dropout(torch.flatten(self.pool(self.act(self.norm(x))), 1)))
 
 
 def _per_stage_blocks(block: BlockSpec | Sequence[BlockSpec], num_stages: int) -> list[tuple[str, type[ResidualBlock]]]:

@@ -41,7 +41,10 @@ class PadShortcut(nn.Module):
 
 
 class ProjectionShortcut(nn.Module):
-    """A strided 1x1 convolution, optionally after average pooling (ResNet-D) and before a norm."""
+    """A strided 1x1 convolution, optionally after average pooling (ResNet-D) and before a norm.
+
+    The convolution has a bias only without a norm, unless `bias` says otherwise.
+    """
 
     def __init__(
         self,
@@ -50,6 +53,7 @@ class ProjectionShortcut(nn.Module):
         stride: int,
         norm_layer: NormLayer | None,
         avg_pool: bool = False,
+        bias: bool | None = None,
     ) -> None:
         super().__init__()
         self.pool = (
@@ -58,7 +62,8 @@ class ProjectionShortcut(nn.Module):
             else nn.Identity()
         )
         conv_stride = 1 if avg_pool else stride
-        self.conv = nn.Conv2d(in_channels, out_channels, 1, conv_stride, bias=norm_layer is None)
+        bias = norm_layer is None if bias is None else bias
+        self.conv = nn.Conv2d(in_channels, out_channels, 1, conv_stride, bias=bias)
         self.bn = norm_layer(out_channels) if norm_layer is not None else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -75,6 +80,12 @@ def identity_pad(in_channels: int, out_channels: int, stride: int, norm_layer: N
 def conv(in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer) -> nn.Module:
     """A 1x1 convolution with bias and no norm, as in the d2l.ai ResNet."""
     return ProjectionShortcut(in_channels, out_channels, stride, None)
+
+
+@SHORTCUTS.builtin("conv_nobias")
+def conv_nobias(in_channels: int, out_channels: int, stride: int, norm_layer: NormLayer) -> nn.Module:
+    """A bias-free 1x1 convolution and no norm: the projection of the pre-activation ResNets (He et al. 2016b)."""
+    return ProjectionShortcut(in_channels, out_channels, stride, None, bias=False)
 
 
 @SHORTCUTS.builtin("conv_bn")

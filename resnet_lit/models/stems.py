@@ -60,3 +60,17 @@ def deep_stem(in_channels: int, out_channels: int, norm_layer: NormLayer, act_la
         **conv_norm_act(mid, out_channels, 3, 1, norm_layer, act_layer, suffix="3"),
         pool=nn.MaxPool2d(3, 2, 1),
     )
+
+
+@STEMS.builtin("preact_cifar")
+def preact_cifar_stem(in_channels: int, out_channels: int, norm_layer: NormLayer, act_layer: ActLayer) -> Stem:
+    """A bare 3x3 stride-1 convolution: in a pre-activation network the first block normalises and activates its
+    output (He et al. 2016b), so the stem has no norm or activation of its own."""
+    return Stem(1, conv=nn.Conv2d(in_channels, out_channels, 3, 1, 1, bias=False))
+
+
+@STEMS.builtin("preact_imagenet")
+def preact_imagenet_stem(in_channels: int, out_channels: int, norm_layer: NormLayer, act_layer: ActLayer) -> Stem:
+    """7x7 stride-2 convolution and 3x3 stride-2 max-pool with no norm or activation: the pre-activation
+    ImageNet stem (timm's ResNetV2), 4x downsampling."""
+    return Stem(4, conv=nn.Conv2d(in_channels, out_channels, 7, 2, 3, bias=False), pool=nn.MaxPool2d(3, 2, 1))

@@ -76,6 +76,28 @@ for _depth in (20, 32, 44, 56, 110):
     _builtin(f"resnet{_depth}", layers=(_n, _n, _n), **_CIFAR)
 _builtin("seresnet20", **{**_CIFAR, "block": "se_basic", "layers": (3, 3, 3)})
 
+# Plain networks (He et al. 2016, section 4.2's baselines): the CIFAR ResNets' layers without shortcuts.
+for _depth in (20, 32, 44, 56, 110):
+    _n = (_depth - 2) // 6
+    _builtin(f"plain{_depth}", layers=(_n, _n, _n), residual=False, **_CIFAR)
+
+# Pre-activation ResNets (He et al. 2016b): BN -> ReLU -> conv blocks, a bare convolution as stem, the final
+# BN + ReLU in the head, and bias-free 1x1 projection shortcuts only where the shape changes (the paper's code).
+_PREACT_IMAGENET = {"stem": "preact_imagenet", "shortcut": "conv_nobias", "num_classes": 1000}
+_builtin("preact_resnet18", block="preact_basic", layers=(2, 2, 2, 2), **_PREACT_IMAGENET)
+_builtin("preact_resnet34", block="preact_basic", layers=(3, 4, 6, 3), **_PREACT_IMAGENET)
+_builtin("preact_resnet50", block="preact_bottleneck", layers=(3, 4, 6, 3), **_PREACT_IMAGENET)
+_builtin("preact_resnet101", block="preact_bottleneck", layers=(3, 4, 23, 3), **_PREACT_IMAGENET)
+_builtin("preact_resnet152", block="preact_bottleneck", layers=(3, 8, 36, 3), **_PREACT_IMAGENET)
+# CIFAR: 110 = 6n+2 layers of basic blocks, 164 and 1001 = 9n+2 of bottlenecks (outputs 64/128/256).
+_PREACT_CIFAR = {
+    "widths": (16, 32, 64), "strides": (1, 2, 2), "stem": "preact_cifar", "stem_width": 16,
+    "shortcut": "conv_nobias", "num_classes": 10,
+}  # fmt: skip
+_builtin("preact_resnet110", block="preact_basic", layers=(18, 18, 18), **_PREACT_CIFAR)
+_builtin("preact_resnet164", block="preact_bottleneck", layers=(18, 18, 18), **_PREACT_CIFAR)
+_builtin("preact_resnet1001", block="preact_bottleneck", layers=(111, 111, 111), **_PREACT_CIFAR)
+
 # ResNet-18 adapted to 32x32 inputs: 3x3 stem, no max-pool (the common ~95% CIFAR-10 baseline).
 _builtin("resnet18_cifar", block="basic", layers=(2, 2, 2, 2), stem="cifar", shortcut="conv_bn", num_classes=10)
 
