@@ -27,6 +27,7 @@ from resnet_lit import ResidualBlock, ResNetClassifier, register_block
 from resnet_lit.cli import ResNetLitCLI, main
 from resnet_lit.fault_tolerance.cluster import Launch, detect_launch
 from resnet_lit.models import BLOCKS, NetworkConfig
+from threads import one_intra_op_thread
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -63,10 +64,8 @@ def _clean_env() -> dict[str, str]:
 def _one_thread():
     """In-process runs on one intra-op thread, as each DDP process has: on a busy 2-core machine a 2-thread OpenMP
     loop waits at every tiny op for its descheduled second thread (measured: 20x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_intra_op_thread():
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -28,6 +28,7 @@ import resnet_lit.fault_tolerance.preemption as preemption
 from resnet_lit.cli import main
 from resnet_lit.data.loaders import SeededDataLoader
 from resnet_lit.fault_tolerance import Preempted, PreemptionHandler
+from threads import one_intra_op_thread
 
 FIT = ["fit", "--config", QUICKSTART, *QUIET, "--trainer.max_steps", "8", "--trainer.num_sanity_val_steps", "0",
        "--trainer.limit_val_batches", "0", "--checkpoint.monitor", "null"]  # fmt: skip
@@ -75,10 +76,8 @@ def signals_restored() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def one_thread() -> Iterator[None]:
     """Tiny model: one intra-op thread is as fast, and does not stall when another process holds a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_intra_op_thread():
+        yield
 
 
 @pytest.fixture

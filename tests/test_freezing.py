@@ -27,6 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from resnet_lit import ResNetClassifier
 from resnet_lit.cli import ResNetLitCLI, main
+from threads import one_intra_op_thread
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -92,10 +93,8 @@ class FreezeRecorder(Callback):
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread() -> Iterator[None]:
     """Tiny model: one intra-op thread is as fast, and does not stall when another process holds a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_intra_op_thread():
+        yield
 
 
 def recorder_of(cli: ResNetLitCLI) -> FreezeRecorder:

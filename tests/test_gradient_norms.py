@@ -34,6 +34,7 @@ from resnet_lit.cli import ResNetLitCLI, main
 from resnet_lit.errors import ResNetLitError
 from resnet_lit.fault_tolerance import PreemptionHandler, ResumableCheckpoint
 from resnet_lit.models import create_model
+from threads import one_intra_op_thread
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -78,10 +79,8 @@ class HandNorms(Callback):
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread() -> Iterator[None]:
     """Tiny models: one intra-op thread is as fast, and does not stall when another process holds a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_intra_op_thread():
+        yield
 
 
 @contextmanager

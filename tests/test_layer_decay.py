@@ -17,6 +17,7 @@ from resnet_lit import NetworkConfig, ResidualBlock, ResNetClassifier
 from resnet_lit.cli import main
 from resnet_lit.errors import ResNetLitError
 from resnet_lit.optim import WarmupCosineLR, rescale_restored_lr
+from threads import one_intra_op_thread
 
 QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
 
@@ -145,10 +146,8 @@ def test_a_resume_with_another_lr_rescales_every_group_alike(tmp_path: Path) -> 
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """Tiny model: one intra-op thread is as fast, and does not stall when another process holds a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_intra_op_thread():
+        yield
 
 
 def test_layer_decay_off_is_one_group_as_before() -> None:

@@ -21,6 +21,7 @@ from resnet_lit.cli import main
 from resnet_lit.errors import ResNetLitError
 from resnet_lit.module import ResNetClassifier, global_batch_size
 from resnet_lit.optim import WarmupCosineLR
+from threads import one_intra_op_thread
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -118,10 +119,8 @@ def _lrs(checkpoint_path: Path) -> tuple[list[float], list[float]]:
 @pytest.fixture
 def one_thread():
     """Tiny model: one intra-op thread is as fast, and does not stall when another process holds a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_intra_op_thread():
+        yield
 
 
 @pytest.mark.usefixtures("one_thread")

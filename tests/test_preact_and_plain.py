@@ -18,6 +18,7 @@ from resnet_lit.finetuning.freezing import StageFreezer
 from resnet_lit.models import ModelConfigError, PreActBasicBlock, PreActBottleneck
 from resnet_lit.models.shortcuts import PadShortcut, ProjectionShortcut
 from resnet_lit.optim import layer_distances
+from threads import one_intra_op_thread
 
 PREACT_NAMES = [
     "preact_resnet18", "preact_resnet34", "preact_resnet50", "preact_resnet101", "preact_resnet152",
@@ -29,10 +30,8 @@ PLAIN_NAMES = ["plain20", "plain32", "plain44", "plain56", "plain110"]
 @pytest.fixture(autouse=True)
 def one_thread() -> Iterator[None]:
     """Batches of two small images: one intra-op thread is as fast, and does not stall on a shared core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_intra_op_thread():
+        yield
 
 
 def n_params(module: nn.Module) -> int:

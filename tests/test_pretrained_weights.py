@@ -6,7 +6,6 @@ from __future__ import annotations
 import builtins
 import os
 import sys
-import urllib.error
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 import torchvision
 from torch import nn
 
+from offline_hub import offline_torch_home
 from resnet_lit import ResNetClassifier
 from resnet_lit.fault_tolerance.checkpoint_files import CheckpointReadError
 from resnet_lit.fault_tolerance.checkpoint_io import CheckpointMismatchError, load_network_weights
@@ -81,20 +81,10 @@ def test_torchvision_weights_reinit_head_and_mismatch_listing(tmp_path: Path) ->
         load_network_weights(ResNetClassifier(arch="resnet34", num_classes=1000).net, str(path), reinit_head=False)
 
 
-def _torch_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-
-    def offline(url: str, *args: object, **kwargs: object) -> None:
-        raise urllib.error.URLError("network is unreachable")
-
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    return tmp_path / "torch" / "hub" / "checkpoints"
-
-
 def test_named_torchvision_source_resolves_from_torch_hub_cache(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    cache = _torch_home(monkeypatch, tmp_path)
+    cache = offline_torch_home(monkeypatch, tmp_path)
     weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
     cache.mkdir(parents=True)
     source = randomised(torchvision.models.resnet18(), seed=4)
@@ -111,7 +101,7 @@ def test_named_torchvision_source_resolves_from_torch_hub_cache(
 def test_named_source_missing_offline_is_one_line_with_url_and_path(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    cache = _torch_home(monkeypatch, tmp_path)
+    cache = offline_torch_home(monkeypatch, tmp_path)
     url = torchvision.models.ResNet50_Weights.IMAGENET1K_V2.url
     with pytest.raises(PretrainedSourceError) as info:
         ResNetClassifier(arch="resnet50", num_classes=1000, init_from="torchvision:resnet50.IMAGENET1K_V2")
