@@ -24,6 +24,7 @@ from resnet_lit.callbacks.progress_bar import ThrottledProgressBar
 from resnet_lit.cli_checkpoint import checkpoint_file, saved_hyperparameters, unset_hyperparameters, warn_unsafe_load
 from resnet_lit.cli_parser import ResNetLitArgumentParser
 from resnet_lit.data import ImageDataModule
+from resnet_lit.export.exporter import ExportResult, RunRecord
 from resnet_lit.fault_tolerance import (
     ResumableCheckpoint,
     check_launch,
@@ -34,6 +35,7 @@ from resnet_lit.fault_tolerance import (
 from resnet_lit.fault_tolerance.install import ATOMIC_CHECKPOINT_IO, configures
 from resnet_lit.models import ResidualBlock
 from resnet_lit.module import ResNetClassifier
+from resnet_lit.trainer import ResNetLitTrainer
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -57,6 +59,7 @@ class ResNetLitCLI(LightningCLI):
         super().__init__(
             model_class=ResNetClassifier,
             datamodule_class=ImageDataModule,
+            trainer_class=ResNetLitTrainer,
             subclass_mode_data=True,
             save_config_callback=SaveConfigOnStart,
             save_config_kwargs={"overwrite": True},
@@ -73,6 +76,19 @@ class ResNetLitCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's subcommands and `export` (`ResNetLitTrainer.export`; the CLI passes `run` itself)."""
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule", "run"}}
+
+    def export(self, **kwargs: Any) -> ExportResult:
+        """`trainer.export`, told the config files and the data section for the model card."""
+        config = self.config["export"]
+        recipe = [os.fspath(path) for path in (config.get("config") or []) if path is not None]
+        data = config.get("data")
+        data = data.as_dict() if isinstance(data, Namespace) else dict(data or {})
+        return self.trainer.export(**kwargs, run=RunRecord(recipe=recipe, data=data))
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         self._args = args  # parsed again, without defaults, to tell what the user set (`_parse_ckpt_path`)
@@ -143,10 +159,13 @@ class ResNetLitCLI(LightningCLI):
                 "(Lightning's sampler would re-shard them and pad evaluation with duplicate samples)"
             )
             config.trainer.use_distributed_sampler = False
+        if self.subcommand == "export":
+            config.trainer.logger = False  # export logs no metrics: leave the run's metrics.csv as it is
+            config.model.compile = False  # the exporters trace the plain network
         if config.trainer.logger in (None, True):
             config.trainer.logger = Namespace(
                 class_path="resnet_lit.fault_tolerance.ResumableCSVLogger",
-                init_args=Namespace(save_dir=root, name="", version="", append=self._resumes(config)),
+                init_args=Namespace(save_dir=root, name="", version="", append=self._appends_metrics(config)),
             )
         self.trainer_defaults["callbacks"] = [
             *fault_tolerance_callbacks(config.trainer.callbacks),
@@ -161,9 +180,12 @@ class ResNetLitCLI(LightningCLI):
         if self.subcommand is not None and check_shards is not None:
             check_shards(self.trainer, self.subcommand)  # once, before Lightning's launcher starts the processes
 
-    def _resumes(self, config: Namespace) -> bool:
-        """Whether this is a `fit` that restores a checkpoint (then metrics.csv is continued, not replaced)."""
-        ckpt_path = config.get("ckpt_path") if self.subcommand == "fit" else None
+    def _appends_metrics(self, config: Namespace) -> bool:
+        """Whether metrics.csv is continued rather than replaced: by a `fit` that restores a checkpoint, and by
+        `validate`/`test`/`predict`, which must not erase the training history of the run folder they log to."""
+        if self.subcommand != "fit":
+            return True
+        ckpt_path = config.get("ckpt_path")
         if ckpt_path == "last":
             folder = config.checkpoint.dirpath
             return os.path.isdir(folder) and any(

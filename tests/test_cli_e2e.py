@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -85,6 +88,59 @@ def test_predict_writes_csv_with_class_names(quickstart_run: Path, tmp_path: Pat
     correct = sum(Path(r["path"]).stem.split("label")[1] == r["class"] for r in rows)
     assert correct >= 17, rows
     assert all(0.0 <= float(r["probability"]) <= 1.0 for r in rows)
+
+
+@pytest.mark.slow
+def test_validate_in_the_run_folder_keeps_the_training_history(quickstart_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(quickstart_run, run)
+    before = (run / "metrics.csv").read_text().splitlines()
+    main(["validate", "--config", QUICKSTART, "--ckpt_path", "last", "--trainer.default_root_dir", str(run), *QUIET])
+    after = (run / "metrics.csv").read_text().splitlines()
+    assert after[: len(before)] == before and len(after) == len(before) + 1
+    assert _last_metric(run / "metrics.csv", "val/acc") == _last_metric(quickstart_run / "metrics.csv", "val/acc")
+
+
+@pytest.mark.slow
+def test_onnx_export_of_the_quickstart_agrees_with_predict(quickstart_run: Path, tmp_path: Path) -> None:
+    """The quickstart's checkpoint as ONNX: onnxruntime and `resnet-lit predict`, reading the same PNG files with the
+    preprocessing the ONNX file records, give the same class for every image. Its model card states the run."""
+    import onnxruntime
+    from sklearn.datasets import load_digits
+
+    output = tmp_path / "export" / "digits.onnx"
+    main(["export", "--config", QUICKSTART, "--ckpt_path", "last", "--trainer.default_root_dir", str(quickstart_run),
+          "--output", str(output), *QUIET])  # fmt: skip
+    digits = load_digits()
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, image in enumerate(digits.images):
+        Image.fromarray((image * (255 / 16)).round().astype(np.uint8), mode="L").save(images / f"{i:04d}.png")
+    predictions = tmp_path / "predictions.csv"
+    main(["predict", "--config", QUICKSTART, "--ckpt_path", str(quickstart_run / "checkpoints" / "last.ckpt"),
+          "--data.init_args.predict_dir", str(images), "--prediction_writer.output_path", str(predictions),
+          "--trainer.default_root_dir", str(tmp_path / "run"), *QUIET])  # fmt: skip
+    with open(predictions) as f:
+        predicted = {Path(row["path"]).name: row["class"] for row in csv.DictReader(f)}
+
+    session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    metadata = {key: json.loads(value) for key, value in session.get_modelmeta().custom_metadata_map.items()}
+    assert metadata["preprocessing"]["resize"] is None and metadata["preprocessing"]["color"] == "L"
+    names = sorted(os.listdir(images))
+    batch = np.stack([np.asarray(Image.open(images / name).convert("L"), dtype=np.float32)[None] / 255
+                      for name in names])  # fmt: skip
+    logits = session.run(None, {"images": batch})[0]
+    onnx_classes = [metadata["class_names"][i] for i in logits.argmax(1)]
+    assert len(predicted) == len(names) == 1797
+    disagreements = [name for name, cls in zip(names, onnx_classes, strict=True) if predicted[name] != cls]
+    assert disagreements == []
+    assert sum(cls == str(t) for cls, t in zip(onnx_classes, digits.target, strict=True)) / len(names) >= 0.95
+
+    card = (tmp_path / "export" / "digits.onnx.md").read_text()
+    val_acc = _last_metric(quickstart_run / "metrics.csv", "val/acc")
+    parameters = sum(p.numel() for p in ResNetClassifier.load_from_checkpoint(
+        quickstart_run / "checkpoints" / "last.ckpt", weights_only=True).net.parameters())  # fmt: skip
+    assert "`resnet20`" in card and f"{parameters:,}" in card and f"{val_acc:.4f}" in card
 
 
 def test_subprocess_entry_point_trains_and_writes_the_run_layout(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from resnet_lit.models.blocks import (
 from resnet_lit.models.config import NetworkConfig
 from resnet_lit.models.describe import format_summary, summarize
 from resnet_lit.models.errors import ModelConfigError
+from resnet_lit.models.features import ResNetFeatures
 from resnet_lit.models.layers import ACT_LAYERS, NORM_LAYERS, DropPath, SqueezeExcite
 from resnet_lit.models.preact_blocks import PreActBasicBlock, PreActBlock, PreActBottleneck
 from resnet_lit.models.resnet import ClassifierHead, ResNet
@@ -25,7 +26,7 @@ from resnet_lit.models.zoo import MODELS, build_resnet, create_model, list_model
 __all__ = [
     "ACT_LAYERS", "BLOCKS", "MODELS", "NORM_LAYERS", "SHORTCUTS", "STEMS",
     "BasicBlock", "Bottleneck", "ClassifierHead", "DropPath", "ModelConfigError", "NetworkConfig",
-    "PreActBasicBlock", "PreActBlock", "PreActBottleneck", "ResNet",
+    "PreActBasicBlock", "PreActBlock", "PreActBottleneck", "ResNet", "ResNetFeatures",
     "ResidualBlock", "SEBasicBlock", "SEBottleneck", "SqueezeExcite", "SqueezeExciteMixin", "Stem",
     "block_options", "build_resnet", "create_model", "format_summary", "list_models", "load_torchvision_weights",
     "register_block", "register_model", "register_shortcut", "register_stem", "summarize",

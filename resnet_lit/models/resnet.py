@@ -6,7 +6,9 @@ Every architectural choice is a constructor argument with a registry name, so a 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Container, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +50,13 @@ class ResNet(nn.Module):
         act: activation name ("relu", "silu", ...) or factory.
         dropout: dropout before the classifier.
         image_size: if given, checks at construction that the strides fit this input size.
+
+    Backbone use (timm's API): `feature_info` lists, per feature index, the module, channels (`num_chs`) and
+    downsampling (`reduction`), index 0 being the stem and 1..N the stages; `forward_intermediates(x, indices)`
+    returns the feature maps at those indices, running no stage after the deepest; `reset_classifier(n)` gives the
+    head `n` outputs (0: `forward` returns the pooled features). `create_model(name, features_only=True,
+    out_indices=...)` returns the network as a :class:`~resnet_lit.models.features.ResNetFeatures` backbone without
+    its head. A custom stem should set `stride` (as `Stem` does) for `reduction` to be right.
     """
 
     def __init__(
@@ -94,7 +103,7 @@ class ResNet(nn.Module):
 
         self.stem = STEMS.resolve(stem)(in_channels, stem_width, norm_layer, act_layer)
         if image_size is not None:
-            _check_fits(image_size, getattr(self.stem, "stride", 1), strides)
+            _check_fits(image_size, _stem_stride(self.stem), strides)
 
         total_blocks = sum(layers)
         rates = torch.linspace(0, drop_path, total_blocks).tolist() if total_blocks > 1 else [drop_path]
@@ -123,6 +132,7 @@ class ResNet(nn.Module):
                 stage.append(unit)
             self.stages.append(nn.Sequential(*stage))
         self.num_features = channels_in
+        self.feature_info = _feature_info(self.stem, stem_width, self.stages)
         # Pre-activation blocks end with the sum: the final norm and activation go before the pooling.
         pre_activation = not blocks[-1][1].post_activation
         self.head = ClassifierHead(
@@ -155,18 +165,89 @@ class ResNet(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Feature map before pooling."""
-        x = self.stem(x)
-        checkpointing = self.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for stage in self.stages:
-            if checkpointing:
-                for block in stage:
-                    x = checkpointed_call(block, x)
-            else:
-                x = stage(x)
-        return x
+        return forward_trunk(self, x)[0]
+
+    def forward_intermediates(
+        self, x: Tensor, indices: int | Sequence[int] | None = None, *, stop_early: bool = True
+    ) -> list[Tensor]:
+        """The feature maps at `indices` (0 = stem output, i = output of stage i), in index order.
+
+        `indices`: None = every stage (1..N); an int n = the last n indices; a sequence = those indices (negative
+        ones count from the end). With `stop_early` no stage after the deepest requested one runs. Gradient
+        checkpointing applies as in `forward_features`. In a pre-activation network the stage outputs are the raw
+        sums: the final norm and activation belong to the head. Unlike timm's, it returns only the list.
+        """
+        take = resolve_feature_indices(indices, len(self.stages))
+        return forward_trunk(self, x, num_stages=take[-1] if stop_early else None, keep=take)[1]
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier by a new `nn.Linear(num_features, num_classes)` on the device and dtype of the
+        network; 0 replaces it by `nn.Identity`, so `forward` returns the pooled features (timm's API)."""
+        if num_classes < 0:
+            raise ModelConfigError(f"reset_classifier: num_classes must be >= 0 (0 = no classifier), got {num_classes}")
+        reference = next(itertools.chain(self.head.fc.parameters(), self.parameters()))
+        self.head.fc = (
+            nn.Linear(self.num_features, num_classes, device=reference.device, dtype=reference.dtype)
+            if num_classes
+            else nn.Identity()
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.forward_features(x))
+
+
+def forward_trunk(
+    net: nn.Module, x: Tensor, *, num_stages: int | None = None, keep: Container[int] = ()
+) -> tuple[Tensor, list[Tensor]]:
+    """Run `net.stem` and the first `num_stages` of `net.stages` (all if None) on `x`: the last output, and the
+    outputs at the feature indices in `keep` (0 = stem, i = stage i) in index order.
+
+    `net` is a `ResNet` or a `ResNetFeatures`; while it trains with `grad_checkpointing` set, every block is
+    checkpointed. The one loop behind `forward_features`, `forward_intermediates` and `ResNetFeatures`.
+    """
+    x = net.stem(x)
+    kept = [x] if 0 in keep else []
+    checkpointing = net.grad_checkpointing and net.training and torch.is_grad_enabled()
+    for index, stage in enumerate(net.stages, start=1):
+        if num_stages is not None and index > num_stages:
+            break
+        if checkpointing:
+            for block in stage:
+                x = checkpointed_call(block, x)
+        else:
+            x = stage(x)
+        if index in keep:
+            kept.append(x)
+    return x, kept
+
+
+def resolve_feature_indices(indices: int | Sequence[int] | None, num_stages: int, *, key: str = "indices") -> list[int]:
+    """Feature indices of a network with `num_stages` stages, sorted and without repeats.
+
+    None = every stage (1..N); an int n = the last n of 0..N; a sequence = those (negative ones count from the end).
+    `key` names the argument in errors.
+    """
+    count = num_stages + 1
+    if indices is None:
+        return list(range(1, count))
+    if isinstance(indices, int) and not isinstance(indices, bool):
+        if not 1 <= indices <= count:
+            raise ModelConfigError(
+                f"{key}={indices}: an int takes the last n feature indices, so it must be in 1..{count} "
+                f"(the stem and {num_stages} stages)"
+            )
+        return list(range(count - indices, count))
+    resolved = set()
+    for index in indices:
+        if isinstance(index, bool) or not isinstance(index, int) or not -count <= index < count:
+            raise ModelConfigError(
+                f"{key}={list(indices)}: {index!r} is not a feature index; valid indices are 0..{num_stages} "
+                f"(0 = stem, 1..{num_stages} = stages) or -{count}..-1 from the end"
+            )
+        resolved.add(index % count)
+    if not resolved:
+        raise ModelConfigError(f"{key} is empty; name at least one feature index in 0..{num_stages}, or use None")
+    return sorted(resolved)
 
 
 class ClassifierHead(nn.Module):
@@ -221,6 +302,25 @@ def _check_stage_layout(layers: list[int], widths: list[int], strides: list[int]
         bad = [v for v in values if not isinstance(v, int) or v < 1]
         if bad:
             raise ModelConfigError(f"{name} must be positive integers, got {values}")
+
+
+def _stem_stride(stem: nn.Module) -> int:
+    """The stem's downsampling: its `stride` attribute (a `Stem` sets it; a bare convolution has a pair), else 1."""
+    stride = getattr(stem, "stride", 1)
+    return stride[0] if isinstance(stride, tuple | list) else stride
+
+
+def _feature_info(stem: nn.Module, stem_width: int, stages: nn.ModuleList) -> list[dict[str, Any]]:
+    """timm-style `feature_info`: per feature index (0 = stem, i = stage i) its module, channels and reduction."""
+    reduction = _stem_stride(stem)
+    info: list[dict[str, Any]] = [{"index": 0, "module": "stem", "num_chs": stem_width, "reduction": reduction}]
+    for index, stage in enumerate(stages, start=1):
+        for block in stage:
+            reduction *= block.stride
+        info.append(
+            {"index": index, "module": f"stages.{index - 1}", "num_chs": stage[-1].out_channels, "reduction": reduction}
+        )
+    return info
 
 
 def _check_positive(**values: int) -> None:

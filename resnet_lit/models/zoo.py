@@ -7,12 +7,13 @@ so a config names an architecture and changes only what it needs.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
 
 from resnet_lit.models.errors import ModelConfigError
+from resnet_lit.models.features import ResNetFeatures
 from resnet_lit.models.resnet import ResNet
 from resnet_lit.registry import Registry
 
@@ -24,9 +25,28 @@ register_model = MODELS.register  # decorator for a factory `(**overrides) -> nn
 _RESNET_ARGS = frozenset(p for p in inspect.signature(ResNet.__init__).parameters if p != "self")
 
 
-def create_model(name: str, **overrides: Any) -> nn.Module:
-    """Build the architecture `name` with any constructor argument of `ResNet` overridden."""
-    return MODELS.get(name)(**overrides)
+def create_model(
+    name: str, *, features_only: bool = False, out_indices: int | Sequence[int] | None = None, **overrides: Any
+) -> nn.Module:
+    """Build the architecture `name` with any constructor argument of `ResNet` overridden.
+
+    `features_only=True` returns it as a `ResNetFeatures` backbone instead (timm's argument): no head, and
+    `forward(x)` returns the feature maps at `out_indices` (default: every stage; 0 is the stem).
+    """
+    if out_indices is not None and not features_only:
+        raise ModelConfigError(
+            f"out_indices={out_indices!r} needs features_only=True: only the backbone returns feature maps; "
+            "pass features_only=True, or use model.forward_intermediates(x, indices)"
+        )
+    model = MODELS.get(name)(**overrides)
+    if not features_only:
+        return model
+    if not isinstance(model, ResNet):
+        raise ModelConfigError(
+            f"features_only=True needs a resnet_lit ResNet (with forward_intermediates), but model {name!r} builds "
+            f"a {type(model).__name__}; drop features_only, or make the factory return a ResNet"
+        )
+    return ResNetFeatures(model, out_indices)
 
 
 def list_models(pattern: str = "*") -> list[str]:

@@ -1,0 +1,1 @@
+"""Export of trained networks: ONNX, torch.export programs and safetensors, with parity checks."""
