@@ -108,6 +108,8 @@ def test_onnx_export_of_the_quickstart_agrees_with_predict(quickstart_run: Path,
     import onnxruntime
     from sklearn.datasets import load_digits
 
+    from resnet_lit.export.preprocess import preprocess_batch
+
     output = tmp_path / "export" / "digits.onnx"
     main(["export", "--config", QUICKSTART, "--ckpt_path", "last", "--trainer.default_root_dir", str(quickstart_run),
           "--output", str(output), *QUIET])  # fmt: skip
@@ -125,10 +127,9 @@ def test_onnx_export_of_the_quickstart_agrees_with_predict(quickstart_run: Path,
 
     session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
     metadata = {key: json.loads(value) for key, value in session.get_modelmeta().custom_metadata_map.items()}
-    assert metadata["preprocessing"]["resize"] is None and metadata["preprocessing"]["color"] == "L"
+    assert metadata["preprocessing"]["resize"] == [8, 8] and metadata["preprocessing"]["color"] == "L"
     names = sorted(os.listdir(images))
-    batch = np.stack([np.asarray(Image.open(images / name).convert("L"), dtype=np.float32)[None] / 255
-                      for name in names])  # fmt: skip
+    batch = preprocess_batch([images / name for name in names], metadata["preprocessing"])
     logits = session.run(None, {"images": batch})[0]
     onnx_classes = [metadata["class_names"][i] for i in logits.argmax(1)]
     assert len(predicted) == len(names) == 1797

@@ -121,9 +121,7 @@ def export_classifier(
         export_format=export_format,
         hparams=hparams,
         class_names=list(module.class_names),
-        preprocessing=preprocessing_spec(
-            pipeline, side, in_channels, export_format != "safetensors", resize_plain=samples.resized
-        ),
+        preprocessing=preprocessing_spec(pipeline, side, in_channels, export_format != "safetensors"),
         inputs=input_spec(side, in_channels, dynamic_batch, batch_size),
         checkpoint=checkpoint,
         ema=getattr(module, "ema", None) is not None,

@@ -20,12 +20,12 @@ def preprocessing_spec(
     image_size: int,
     in_channels: int,
     normalization_in_model: bool = True,
-    resize_plain: bool = False,
 ) -> dict[str, Any]:
     """The deterministic eval preprocessing of ``pipeline``, for inputs of ``image_size`` pixels.
 
     Mirrors :meth:`ImagePipeline.eval`: ``imagenet``/``cifar`` resize the shorter side and center-crop, ``plain``
-    resizes to a square (or, without a crop size, keeps the decoded size unless ``resize_plain``). An
+    resizes to a square: to the crop size, or without one to the size the network was evaluated at (a no-op for
+    images of the data's own size, and the right input size for any other). An
     ``image_size`` other than the data's crop scales the resize by the same ratio, keeping the crop fraction (timm's
     ``crop_pct``). ``normalization_in_model`` is false for bare network weights (safetensors): the deployer then
     normalises with the recorded mean and std.
@@ -33,8 +33,7 @@ def preprocessing_spec(
     crop = pipeline.crop_size
     resize: int | list[int] | None
     if pipeline.style == "plain":
-        exact = crop is not None or resize_plain
-        resize, mode, center_crop = ([image_size, image_size], "exact", None) if exact else (None, None, None)
+        resize, mode, center_crop = [image_size, image_size], "exact", None
     else:
         base_resize = pipeline.resize_size or crop or image_size
         scale = image_size / crop if crop else 1.0

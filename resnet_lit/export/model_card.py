@@ -405,28 +405,28 @@ def _export(inputs: ModelCardInputs) -> str:
 
 
 def _usage(inputs: ModelCardInputs) -> str | None:
+    """Python lines that load the artefact and compute the logits of preprocessed `images`."""
     name = os.path.basename(inputs.artefact)
-    if inputs.format == "onnx":
-        return "\n".join([
+    lines = {
+        "onnx": [
             "import onnxruntime",
             f'session = onnxruntime.InferenceSession("{name}")',
             "logits = session.run(None, {session.get_inputs()[0].name: images})[0]  # images: as above",
-        ])  # fmt: skip
-    if inputs.format == "exported_program":
-        return "\n".join([
+        ],
+        "exported_program": [
             "import torch",
             f'program = torch.export.load("{name}")',
             "logits = program.module()(images)  # images: as above",
-        ])  # fmt: skip
-    if inputs.format == "safetensors":
-        return "\n".join([
+        ],
+        "safetensors": [
             "import resnet_lit",
             "from safetensors.torch import load_file",
             f"net = {_rebuild_call(inputs)}.eval()",
             f'net.load_state_dict(load_file("{name}"), strict=True)',
             "logits = net(images)  # images: as above, normalised",
-        ])  # fmt: skip
-    return None
+        ],
+    }.get(inputs.format)
+    return "\n".join(lines) if lines else None
 
 
 def _limitations(inputs: ModelCardInputs) -> str:
