@@ -78,10 +78,13 @@ class SlowSteps(Callback):
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+# The quickstart as the step-counting and loss-comparing tests know it: batches of 64 (19 steps per epoch) in float32.
+# The shipped recipe trains at batch 128 with precision: auto (bf16 where the CPU has it), which is faster.
+AS_TESTED = ["--data.init_args.batch_size", "64", "--trainer.precision", "32-true"]
 # The resume-parity job: quickstart (ResNet-20 on the digits, 19 steps per epoch) for 2 epochs, with drop-path
 # so that the random stream matters, deterministic algorithms and a checkpoint every 5 steps.
-PARITY_FIT = ["fit", "--config", QUICKSTART, "--model.net.drop_path", "0.1", "--trainer.deterministic", "true",
-              "--trainer.max_epochs", "2", "--checkpoint.every_n_train_steps", "5",
+PARITY_FIT = ["fit", "--config", QUICKSTART, *AS_TESTED, "--model.net.drop_path", "0.1",
+              "--trainer.deterministic", "true", "--trainer.max_epochs", "2", "--checkpoint.every_n_train_steps", "5",
               "--trainer.log_every_n_steps", "2", *QUIET]  # fmt: skip
 STEPS_PER_EPOCH = 19
 LAUNCHER_VARS = ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",

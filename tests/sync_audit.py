@@ -105,6 +105,8 @@ def _excluded(what: str, device: str | None, frames: list[traceback.FrameSummary
         return "Lightning's per-batch SIGTERM broadcast"
     if device == "cpu" and any(path.startswith("torch/utils/data/") for path, _ in names):
         return "host-side data loading (a CPU tensor in DataLoader iteration)"
+    if device == "cpu" and ("resnet_lit/data/samplers.py", "epoch_order") in names:
+        return "the epoch's sample order, drawn once per epoch from a CPU generator"
     converts = any(name == "convert_tensors_to_scalars" for _, name in names)
     progress_bar = any(
         path.startswith("lightning/pytorch/callbacks/progress/")

@@ -26,7 +26,8 @@ SHARED = {  # declared once, in ImageDataModule
     "std": OPTIONAL_SEQUENCE,
     "predict_dir": ("str | null", "null"),
     "skip_corrupt": ("bool", "False"),
-    "loader": ("Literal['dataloader', 'device']", "dataloader"),
+    "loader": ("Literal['auto', 'dataloader', 'device']", "auto"),
+    "device_memory_fraction": ("float", "0.25"),
 }
 TORCHVISION = {"data_dir": ("str", "data"), "download": ("bool", "False")}
 MNIST = {**TORCHVISION, "image_size": ("int | null", "null"), "val_fraction": ("float", str(1 / 12))}

@@ -14,7 +14,7 @@ from resnet_lit.data import DigitsDataModule, SyntheticDataModule
 
 def test_digits_splits_and_batches() -> None:
     pytest.importorskip("sklearn")
-    dm = DigitsDataModule(batch_size=32)
+    dm = DigitsDataModule(batch_size=32, loader="dataloader")
     assert (dm.num_classes, dm.in_channels) == (10, 1)
     splits = dm.splits()
     sizes = (len(splits.train), len(splits.val), len(splits.test))
@@ -25,7 +25,8 @@ def test_digits_splits_and_batches() -> None:
     assert x.shape == (32, 1, 8, 8) and y.dtype == torch.int64
     everything = torch.cat([b[0] for b in dm.val_dataloader()])
     assert abs(float(everything.mean())) < 0.2 and 0.8 < float(everything.std()) < 1.2  # normalized
-    assert next(iter(DigitsDataModule(image_size=16, batch_size=4).train_dataloader()))[0].shape == (4, 1, 16, 16)
+    loader = DigitsDataModule(image_size=16, batch_size=4, loader="dataloader").train_dataloader()
+    assert next(iter(loader))[0].shape == (4, 1, 16, 16)
 
 
 def test_digits_without_sklearn_explains_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -42,14 +43,16 @@ def test_digits_without_sklearn_explains_the_extra(monkeypatch: pytest.MonkeyPat
 
 
 def test_synthetic_is_deterministic_per_seed() -> None:
-    dm = SyntheticDataModule(num_classes=5, in_channels=2, image_size=12, num_samples=40, batch_size=8)
+    dm = SyntheticDataModule(num_classes=5, in_channels=2, image_size=12, num_samples=40, batch_size=8,
+                             loader="dataloader")
     assert (dm.num_classes, dm.in_channels, len(dm.class_names)) == (5, 2, 5)
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (8, 2, 12, 12) and int(y.max()) < 5
     again = next(iter(SyntheticDataModule(num_classes=5, in_channels=2, image_size=12, num_samples=40,
-                                          batch_size=8).train_dataloader()))  # fmt: skip
+                                          batch_size=8, loader="dataloader").train_dataloader()))  # fmt: skip
     assert torch.equal(x, again[0])
-    other = SyntheticDataModule(num_classes=5, in_channels=2, image_size=12, num_samples=40, batch_size=8, seed=1)
+    other = SyntheticDataModule(num_classes=5, in_channels=2, image_size=12, num_samples=40, batch_size=8, seed=1,
+                                loader="dataloader")
     assert not torch.equal(x, next(iter(other.train_dataloader()))[0])
     assert len(list(dm.val_dataloader())) == 32  # 256 val samples, eval batch = 8
 

@@ -69,7 +69,8 @@ def _batches(dm: SyntheticDataModule, epoch: int) -> list[tuple[torch.Tensor, to
 
 
 def test_datamodule_resume_replays_the_rest_of_the_epoch_bitwise() -> None:
-    kwargs = {"num_samples": 64, "batch_size": 8, "augment": "trivialaugment", "random_erasing": 0.5, "seed": 5}
+    kwargs = {"num_samples": 64, "batch_size": 8, "augment": "trivialaugment", "random_erasing": 0.5, "seed": 5,
+              "loader": "dataloader"}
     reference = _batches(SyntheticDataModule(**kwargs), epoch=1)
     assert len(reference) == 8
 
@@ -81,7 +82,7 @@ def test_datamodule_resume_replays_the_rest_of_the_epoch_bitwise() -> None:
         next(batches)
     assert loader.state_dict() == {"epoch": 1, "batches_done": 3, "batch_size": 8, "world_size": 1}
     state = interrupted.state_dict()
-    assert state == {"seed": 5, "batch_size": 8, "world_size": 1, "epoch": 1, "batches_done": 3}
+    assert state == {"seed": 5, "batch_size": 8, "world_size": 1, "loader": "dataloader", "epoch": 1, "batches_done": 3}
 
     resumed = SyntheticDataModule(**{**kwargs, "seed": 0})  # the seed comes back from the checkpoint
     resumed.load_state_dict(state)

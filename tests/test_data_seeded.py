@@ -6,7 +6,8 @@ import torch
 
 from resnet_lit.data import SeededTransformDataset, SyntheticDataModule
 
-KWARGS = {"num_samples": 48, "batch_size": 8, "augment": "randaugment", "random_erasing": 0.5, "seed": 11}
+KWARGS = {"num_samples": 48, "batch_size": 8, "augment": "randaugment", "random_erasing": 0.5, "seed": 11,
+          "loader": "dataloader"}
 
 
 def _epoch(num_workers: int, epoch: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:

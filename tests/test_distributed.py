@@ -36,7 +36,7 @@ QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summa
 EVAL_SIZE = 359
 DATA = ["--data.init_args.val_fraction", "0.2", "--data.init_args.test_fraction", "0.2",
         "--data.init_args.eval_batch_size", "179"]  # fmt: skip
-COMMON = ["--config", QUICKSTART, "--model.net.norm", "groupnorm", *DATA, *QUIET]
+COMMON = ["--config", QUICKSTART, "--trainer.precision", "32-true", "--model.net.norm", "groupnorm", *DATA, *QUIET]
 FIT = ["--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1",
        # lr per 64 images: the same lr for 1 x 64 and 2 x 32 only if the world size enters the scaling.
        # 0.02 rather than the quickstart's 0.1 without warmup, whose first steps are chaotic enough to grow

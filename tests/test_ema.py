@@ -104,7 +104,7 @@ def _trainer() -> L.Trainer:
 def test_validation_test_and_predict_use_the_average() -> None:
     torch.manual_seed(0)
     data = SyntheticDataModule(num_classes=4, in_channels=1, image_size=8, num_samples=32, num_val_samples=32,
-                               num_test_samples=32, batch_size=16, num_workers=0)  # fmt: skip
+                               num_test_samples=32, batch_size=16, num_workers=0, loader="dataloader")  # fmt: skip
     model = ResNetClassifier(**SMALL_NET, num_classes=4, ema_decay=0.9)
     with torch.no_grad():  # an average apart from the live network
         for param in model.ema.net.parameters():

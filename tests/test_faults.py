@@ -11,13 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from faultinject import QUICKSTART, QUIET, NaNAtStep, cli_command, fault_env, last_metric
+from faultinject import AS_TESTED, QUICKSTART, QUIET, NaNAtStep, cli_command, fault_env, last_metric
 
 from fakedata import write_image_folder
 from resnet_lit.cli import ResNetLitCLI, main
 from resnet_lit.fault_tolerance import NonFiniteLossError, NonFiniteLossPolicy
 
-SHORT_FIT = ["fit", "--config", QUICKSTART, "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1",
+SHORT_FIT = ["fit", "--config", QUICKSTART, *AS_TESTED, "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1",
              "--checkpoint.every_n_train_steps", "5", *QUIET]  # fmt: skip
 NAN_AT_7 = ["--trainer.callbacks+=faultinject.NaNAtStep", "--trainer.callbacks.step=7"]
 

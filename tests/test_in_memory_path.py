@@ -194,8 +194,6 @@ def test_device_loaders_shard_like_the_standard_samplers() -> None:
 
 
 def test_unsupported_settings_are_config_errors() -> None:
-    with pytest.raises(DataConfigError, match="augment: none"):
-        SyntheticDataModule(loader="device", augment="trivialaugment")
     with pytest.raises(DataConfigError, match="transform styles"):
         ImageFolderDataModule(root="unused", transform_style="imagenet", loader="device")
     with pytest.raises(DataConfigError, match="'dataloader' or 'device'"):

@@ -6,11 +6,13 @@ import csv
 import errno
 import os
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from sklearn.metrics import precision_recall_fscore_support
 from test_sync_audit import no_host_reads
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
@@ -24,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 REPORT = ["--trainer.callbacks+=resnet_lit.callbacks.PerClassReport"]
-TINY = ["--config", QUICKSTART, "--model.net.layers", "[1, 1, 1]", *QUIET, *REPORT]
+TINY = ["--config", QUICKSTART, "--trainer.precision", "32-true", "--model.net.layers", "[1, 1, 1]", *QUIET, *REPORT]
 
 
 def _read_csv(path: Path) -> list[list[str]]:
@@ -64,7 +66,8 @@ def test_test_writes_files_that_agree_with_the_logged_accuracy_and_sklearn(tiny_
     model, datamodule = cli.model.eval(), cli.datamodule
     preds, targets = [], []
     with torch.no_grad():
-        for images, labels in datamodule.test_dataloader():
+        for batch in datamodule.test_dataloader():
+            images, labels = datamodule.on_after_batch_transfer(batch, 0)
             preds.append(model(images).argmax(dim=1))
             targets.append(labels)
     y_pred, y_true = torch.cat(preds).numpy(), torch.cat(targets).numpy()
@@ -144,3 +147,4 @@ class _FakeTrainer:
 
     def __init__(self, root: Path, sanity_checking: bool = False) -> None:
         self.default_root_dir, self.sanity_checking, self.is_global_zero = str(root), sanity_checking, True
+        self.state = types.SimpleNamespace(fn=TrainerFn.TESTING)

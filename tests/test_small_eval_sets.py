@@ -12,6 +12,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from resnet_lit.cli import main
@@ -27,7 +28,12 @@ LAUNCHER_VARS = ("TORCHELASTIC_RUN_ID", "WORLD_SIZE", "RANK", "LOCAL_RANK", "LOC
 def _trainer(rank: int, world_size: int = 2, **limits: float | int) -> types.SimpleNamespace:
     """What the DataModule reads of a Trainer on process ``rank``."""
     defaults = {"limit_val_batches": 1.0, "limit_test_batches": 1.0, "limit_predict_batches": 1.0}
-    return types.SimpleNamespace(world_size=world_size, global_rank=rank, **{**defaults, **limits})
+    # The collective of `loader: auto`: rank 0's choice for every process (here, rank 1 is told "dataloader").
+    rank0_choice = ("dataloader", "rank 0's choice in this test")
+    strategy = types.SimpleNamespace(broadcast=lambda obj, src=0: rank0_choice if obj is None else obj,
+                                     root_device=torch.device("cpu"))  # fmt: skip
+    return types.SimpleNamespace(world_size=world_size, global_rank=rank, strategy=strategy, num_devices=1,
+                                 **{**defaults, **limits})  # fmt: skip
 
 
 def _setup_errors(make, stage: str, **limits: float | int) -> list[str]:

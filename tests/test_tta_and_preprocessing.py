@@ -57,6 +57,7 @@ def test_fit_time_validation_uses_tta(tmp_path: Path) -> None:
         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
         "--data", "resnet_lit.data.SyntheticDataModule", "--data.num_samples", "16", "--data.num_val_samples", "12",
         "--data.image_size", "16", "--data.num_classes", "3", "--model.arch", "resnet20", "--seed_everything", "3",
+        "--data.loader", "dataloader",
     ]  # fmt: skip
     plain = ResNetLitCLI(args=args)
     flipped = ResNetLitCLI(args=[*args, "--model.tta", "flip"])

@@ -34,13 +34,13 @@ TOLERANCE = 1e-6
 def _cifar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ImageDataModule:
     write_fake_cifar10(tmp_path, monkeypatch, per_batch=4, num_test=6)  # 20 train images
     return CIFAR10DataModule(data_dir=str(tmp_path), batch_size=8, eval_batch_size=4, augment="trivialaugment",
-                             num_workers=1, seed=4)  # fmt: skip
+                             num_workers=1, seed=4, loader="dataloader")  # fmt: skip
 
 
 def _mnist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ImageDataModule:
     write_fake_mnist(tmp_path, "MNIST", num_train=16, num_test=5)
     return MNISTDataModule(data_dir=str(tmp_path), image_size=20, val_fraction=0.25, batch_size=4,
-                           augment="randaugment", seed=1)  # fmt: skip
+                           augment="randaugment", seed=1, loader="dataloader")  # fmt: skip
 
 
 def _folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ImageDataModule:
@@ -114,7 +114,7 @@ def test_true_half_precision_gets_half_images(tmp_path: Path, monkeypatch: pytes
 
 
 def test_float_datasets_keep_normalising_in_the_workers() -> None:
-    dm = SyntheticDataModule(image_size=4, num_samples=8, num_val_samples=4, batch_size=4)
+    dm = SyntheticDataModule(image_size=4, num_samples=8, num_val_samples=4, batch_size=4, loader="dataloader")
     for batch in (next(iter(dm.train_dataloader())), next(iter(dm.val_dataloader()))):
         assert type(batch) is list and batch[0].dtype == torch.float32  # the default collate of (image, target)
         assert dm.on_after_batch_transfer(batch, 0) is batch

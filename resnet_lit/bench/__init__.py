@@ -11,11 +11,12 @@ from resnet_lit.bench.command import build_parser, main
 from resnet_lit.bench.config import BenchConfig, Measurement, RunResult
 from resnet_lit.bench.measure import measure, quiet_rate
 from resnet_lit.bench.report import Summary, format_table, machine_info, summarize
-from resnet_lit.bench.timing import StepTimer, TimeToAccuracy
+from resnet_lit.bench.timing import PhaseClock, StepTimer, TimeToAccuracy
 
 __all__ = [
     "BenchConfig",
     "Measurement",
+    "PhaseClock",
     "RunResult",
     "StepTimer",
     "Summary",

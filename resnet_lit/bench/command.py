@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="resnet-lit benchmark",
         description="Training images/s and peak memory of resnet-lit fit beside a hand-written PyTorch loop. "
         "Comma-separated values multiply the configurations.",
+        epilog="`resnet-lit benchmark quickstart` measures instead what a user waits for: the wall times of the "
+        "zoo commands and of the quickstart fit, start-up included (see its --help).",
     )
     parser.add_argument("--model", type=_csv(str), default=["resnet20"], help="zoo architecture(s)")
     parser.add_argument("--image-size", type=_csv(int), default=[32])
@@ -71,7 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Measure, print the table and (``--json``) write the results; returns the exit code."""
+    """Measure, print the table and (``--json``) write the results; returns the exit code.
+
+    A first argument ``quickstart`` runs that scenario instead (`resnet_lit.bench.quickstart`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["quickstart"]:
+        from resnet_lit.bench.quickstart import main as run_quickstart
+
+        return run_quickstart(argv[1:])
     args = build_parser().parse_args(argv)
     if args.data != "synthetic" and not os.path.isdir(args.data):
         raise SystemExit(f"resnet-lit benchmark: error: --data {args.data!r} is neither 'synthetic' nor a folder")
@@ -87,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"load average {info['load_average']}",
         file=sys.stderr,
     )
-    command = " ".join(["resnet-lit benchmark", *(argv if argv is not None else sys.argv[1:])])
+    command = " ".join(["resnet-lit benchmark", *argv])
 
     def write_json(measurements: list[Measurement], complete: bool) -> None:
         write_results(args.json, command, args, info, measurements, complete)

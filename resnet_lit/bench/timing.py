@@ -1,5 +1,6 @@
 """Clocks of the benchmarks: device syncs, peak memory, and the callbacks that time `fit` from inside the Trainer
-(`StepTimer` for steady-state steps, `TimeToAccuracy` for the wall time to a validation target)."""
+(`StepTimer` for steady-state steps, `TimeToAccuracy` for the wall time to a validation target, `PhaseClock` for
+where a whole run's wall time goes)."""
 
 from __future__ import annotations
 
@@ -225,7 +226,64 @@ class TimeToAccuracy(L.Callback):
             "stopped": self.stopped,
             "history": self.history,
         }
-        temporary = f"{self.output}.tmp"
-        with open(temporary, "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(temporary, self.output)
+        write_json_atomically(self.output, result)
+
+
+class PhaseClock(L.Callback):
+    """Wall-clock marks (`time.time()`, comparable across processes) of a `fit` run's phases, written as JSON to
+    ``output`` when the fit ends: set-up done (``train_start``), first training step, end of training, every
+    validation's start and end (the sanity check included), and the final ``val/acc``.
+
+    ``marks`` are earlier marks of the same process to write along (the quickstart benchmark passes the process
+    start and the end of its imports). The device is synced at phase boundaries only, never per step.
+    """
+
+    def __init__(self, output: str, marks: dict[str, float] | None = None) -> None:
+        self.output = output
+        self.marks: dict[str, float] = dict(marks or {})
+        self.validations: list[tuple[float, float]] = []
+        self._validation_start: float | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        sync(pl_module.device)
+        self.marks["train_start"] = time.time()
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self.marks.setdefault("first_step", time.time())
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        sync(pl_module.device)
+        self.marks["train_end"] = time.time()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        sync(pl_module.device)
+        self._validation_start = time.time()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        sync(pl_module.device)
+        if self._validation_start is not None:
+            self.validations.append((self._validation_start, time.time()))
+            self._validation_start = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        val_acc = trainer.callback_metrics.get("val/acc")
+        result = {
+            "marks": self.marks,
+            "validations": self.validations,
+            "val_acc": None if val_acc is None else float(val_acc),
+            "epochs": trainer.current_epoch,
+            "steps": trainer.global_step,
+        }
+        write_json_atomically(self.output, result)
+
+
+def write_json_atomically(path: str, data: Any) -> None:
+    """``data`` as indented JSON at ``path``, through a temporary file, so a reader never sees half a file."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(temporary, path)

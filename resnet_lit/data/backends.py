@@ -79,23 +79,28 @@ class LoaderBackend(Protocol):
 def make_backend(
     kind: LoaderKind, settings: LoaderSettings, pipeline: ImagePipeline, normalize_on_device: bool = True
 ) -> LoaderBackend:
-    """The back-end of ``loader: kind``; a DataConfigError names what ``device`` cannot do. ``normalize_on_device``:
+    """The back-end of ``loader: kind``; a DataConfigError names what ``device`` cannot do (the ``imagenet`` style's
+    random resized crops of variable-size images). ``normalize_on_device``:
     the DataLoader workers hand over unnormalised (uint8) images, see :class:`DataLoaderBackend`."""
     if kind == "dataloader":
         return DataLoaderBackend(settings, pipeline, normalize_on_device)
     if kind != "device":
         raise DataConfigError(f"loader must be 'dataloader' or 'device', got {kind!r}")
+    refusal = device_path_refusal(pipeline)
+    if refusal is not None:
+        raise DataConfigError(refusal)
+    return DeviceBackend(settings, pipeline)
+
+
+def device_path_refusal(pipeline: ImagePipeline) -> str | None:
+    """Why ``loader: device`` cannot run ``pipeline``'s transforms (a one-line message naming the setting), or None
+    if it can. ``loader: device`` fails with it; ``loader: auto`` logs it and takes the DataLoader path."""
     if pipeline.style not in ("cifar", "plain"):
-        raise DataConfigError(
+        return (
             f"loader: device supports the 'cifar' and 'plain' transform styles (fixed-size images), not "
             f"{pipeline.style!r}; use loader: dataloader"
         )
-    if pipeline.augment != "none":
-        raise DataConfigError(
-            f"loader: device does crop, flip and random erasing only; set augment: none (not {pipeline.augment!r}), "
-            "or use loader: dataloader"
-        )
-    return DeviceBackend(settings, pipeline)
+    return None  # crop, flip, augment (batch_augment.py) and random erasing all run per batch on the device
 
 
 def train_drop_last(settings: LoaderSettings, samples: int, place: Placement) -> bool:

@@ -8,13 +8,17 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import lightning as L
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from .backends import LoaderBackend, LoaderKind, LoaderSettings, Placement, make_backend
+from .backends import DeviceBackend, LoaderBackend, LoaderKind, LoaderSettings, Placement, make_backend
 from .balanced import BalancedTrainSampler, report_balance
 from .class_counts import class_counts
 from .datasets import CorruptCounter
 from .errors import DataConfigError, require_positive
 from .eval_shards import check_eval_shards
+from .loader_choice import LOADER_SETTINGS, LoaderChoice, LoaderSetting, choose_loader
 from .loaders import ResumableLoader
 from .predict import PredictDataLoader, PredictFolderDataset, predict_dataloader, warn_predict_skipped
 from .samplers import ResumableTrainSampler
@@ -59,8 +63,13 @@ class ImageDataModule(L.LightningDataModule):
             output and lists them at the end; image-file datasets replace them by the next decodable sample in
             training and evaluation.
         loader: ``dataloader`` (per-sample decoding and geometric transforms in workers, uint8 batches finished on the
-            training device) or ``device`` (the uint8 dataset on the training device, crop, flip and erasing per batch
-            there; ``cifar``/``plain`` styles without ``augment``).
+            training device), ``device`` (the uint8 dataset on the training device, crop, flip, ``augment`` and erasing
+            per batch there, each image from its sample seed; ``cifar``/``plain`` styles) or ``auto``: ``device`` where
+            it can run the transforms and the decoded splits fit ``device_memory_fraction``, else ``dataloader``. Rank 0
+            decides in ``setup``, every process follows, the choice and its reason are logged, and a resumed fit keeps
+            the path of its checkpoint.
+        device_memory_fraction: The memory budget of ``loader: auto``: the share of the training device's free memory
+            (of the available host memory on CPU, shared by the processes of the host) the decoded splits may use.
         transform_style: Transform pipeline, see :mod:`~resnet_lit.data.transforms`.
         crop_size: Output image size (None: keep the size; ``plain`` only).
         resize_size: Eval resize before the center crop.
@@ -91,7 +100,8 @@ class ImageDataModule(L.LightningDataModule):
         std: Sequence[float] | None = None,
         predict_dir: str | None = None,
         skip_corrupt: bool = False,
-        loader: LoaderKind = "dataloader",
+        loader: LoaderSetting = "auto",
+        device_memory_fraction: float = 0.25,
         transform_style: TransformStyle = "imagenet",
         crop_size: int | None = 224,
         resize_size: int | None = 256,
@@ -106,6 +116,10 @@ class ImageDataModule(L.LightningDataModule):
             raise DataConfigError(f"random_erasing is a probability in [0, 1], got {random_erasing}")
         if not 0.0 <= val_fraction < 1.0:
             raise DataConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if loader not in LOADER_SETTINGS:
+            raise DataConfigError(f"loader must be 'auto', 'dataloader' or 'device', got {loader!r}")
+        if not 0.0 < device_memory_fraction <= 1.0:
+            raise DataConfigError(f"device_memory_fraction must be in (0, 1], got {device_memory_fraction}")
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.seed = seed
@@ -129,7 +143,15 @@ class ImageDataModule(L.LightningDataModule):
             augment,
             random_erasing,
         )
-        self.backend: LoaderBackend = make_backend(loader, self.settings, self.pipeline, self.normalize_on_device)
+        self.loader = loader
+        self.device_memory_fraction = device_memory_fraction
+        self._loader_choice: LoaderChoice | None = None  # the path of the back-end (for auto: once decided)
+        self._loader_shared = False  # auto: rank 0's choice, shared with every process of the trainer
+        self._backend: LoaderBackend | None = None  # auto: made on first use, after the path is settled
+        self._setup_stage: str | None = None
+        if loader != "auto":
+            self._loader_choice = LoaderChoice(loader, "set by data.loader")
+            self._backend = make_backend(loader, self.settings, self.pipeline, self.normalize_on_device)
         self.corrupt_counter = CorruptCounter()
         self.train_sampler: ResumableTrainSampler | None = None
         self._splits: RawSplits | None = None
@@ -185,6 +207,60 @@ class ImageDataModule(L.LightningDataModule):
             self.seed, self.trainer.global_rank, self.trainer.world_size, self.trainer.strategy.root_device
         )
 
+    # --- the loader path -------------------------------------------------------------------------------
+    @property
+    def backend(self) -> LoaderBackend:
+        """The loader back-end. With ``loader: auto`` it is made on first use (the first loader), once ``setup`` and a
+        checkpoint's restore have settled the path; without a trainer, this process decides here."""
+        if self._backend is None:
+            if self._loader_choice is None:
+                self._loader_choice = self._choose_loader()
+            kind = self._loader_choice.kind
+            self._backend = make_backend(kind, self.settings, self.pipeline, self.normalize_on_device)
+            rank_zero_info(self._loader_choice.message())
+            if self._setup_stage not in (None, "predict"):
+                self._backend.setup(self.splits(), self._setup_stage)
+        return self._backend
+
+    @property
+    def loader_kind(self) -> LoaderKind:
+        """The loader path in use: ``data.loader``, or what ``auto`` chose."""
+        return "device" if isinstance(self.backend, DeviceBackend) else "dataloader"
+
+    def _choose_loader(self) -> LoaderChoice:
+        """What ``loader: auto`` takes in this process: for the trainer's device and processes per host, else for
+        one process on the CPU."""
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        processes_per_host = trainer.num_devices if trainer is not None else 1
+        return choose_loader(self.splits(), self.pipeline, device, self.device_memory_fraction, processes_per_host)
+
+    def _share_loader_choice(self, trainer: L.Trainer) -> None:
+        """Rank 0 decides, every process follows. A collective: every process calls it at the same point (``setup``)."""
+        mine = self._choose_loader() if trainer.global_rank == 0 else None
+        kind, reason = trainer.strategy.broadcast((mine.kind, mine.reason) if mine is not None else None, src=0)
+        self._use_loader(LoaderChoice(kind, reason))
+        self._loader_shared = True
+
+    def _use_loader(self, choice: LoaderChoice) -> None:
+        if self._backend is not None and self._loader_choice is not None and self._loader_choice.kind != choice.kind:
+            self._backend = None  # made again on the new path at its first use
+        self._loader_choice = choice
+
+    def _keep_checkpoint_loader(self, kind: LoaderKind) -> None:
+        """``loader: auto`` resuming a fit: stay on the checkpoint's path, whatever the budget says now."""
+        reason = "kept from the checkpoint: a resumed fit stays on its path"
+        now = self._loader_choice
+        if now is not None and now.kind != kind:
+            reason += f"; the budget now would choose {now.kind}: {now.reason}"
+        if self._train_loader is not None and now is not None and now.kind != kind:
+            rank_zero_warn(
+                f"resnet-lit: the checkpoint's data.loader path ({kind}) comes after the train loader was made on "
+                f"{now.kind}; training goes on with {now.kind}"
+            )
+            return
+        self._use_loader(LoaderChoice(kind, reason))
+
     def predict_dataset(self) -> PredictFolderDataset:
         """The image files under ``predict_dir`` (uint8 images, finished on the device), listed once per ``predict``
         run: :meth:`setup` lists them again."""
@@ -223,8 +299,15 @@ class ImageDataModule(L.LightningDataModule):
             self._predict_dataset = None  # list predict_dir anew for this run
         if self.trainer is not None:
             self.check_shards(self.trainer, stage)
-        if stage != "predict":
-            self.backend.setup(self.splits(), stage)
+        self._setup_stage = stage
+        if stage == "predict":
+            if self._loader_choice is None:  # predict reads predict_dir through its own loader: no store to fill
+                self._loader_choice = LoaderChoice("dataloader", "predict reads predict_dir through DataLoader workers")
+            return
+        if self.loader == "auto" and self.trainer is not None and not self._loader_shared:
+            self._share_loader_choice(self.trainer)
+        if self._backend is not None:
+            self._backend.setup(self.splits(), stage)
 
     def train_dataloader(self) -> ResumableLoader:
         loader = self.backend.train_loader(self.splits(), self._placement())
@@ -264,14 +347,21 @@ class ImageDataModule(L.LightningDataModule):
         return self.trainer.precision_plugin.convert_input(finished)
 
     def state_dict(self) -> dict[str, Any]:
-        """The seed, batch size and world size of the run and the train loader's position."""
-        state = {"seed": self.seed, "batch_size": self.batch_size, "world_size": self._placement().world_size}
+        """The seed, batch size and world size of the run, the loader path and the train loader's position."""
+        state: dict[str, Any] = {
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "world_size": self._placement().world_size,
+        }
+        if self._loader_choice is not None:
+            state["loader"] = self._loader_choice.kind
         if self._train_loader is not None:
             state.update(self._train_loader.state_dict())
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Continue with the checkpoint's seed (the val split depends on it) and its train position.
+        """Continue with the checkpoint's seed (the val split depends on it) and its train position; with
+        ``loader: auto``, a resumed fit also keeps the checkpoint's loader path (augmentation differs between them).
 
         The train loader is stateful and Lightning restores it, but not when ``trainer.estimated_stepping_batches``
         (the LR schedules read it) built the loader before the checkpoint's loop state was loaded: the position
@@ -281,6 +371,10 @@ class ImageDataModule(L.LightningDataModule):
         if int(state_dict["seed"]) != self.seed:
             self.seed = int(state_dict["seed"])
             self._splits = None
+        kind = state_dict.get("loader")
+        fitting = self.trainer is None or self.trainer.state.fn == TrainerFn.FITTING
+        if self.loader == "auto" and kind in ("dataloader", "device") and fitting:
+            self._keep_checkpoint_loader(kind)
         self._restored_position = state_dict if "batches_done" in state_dict else None
         if self._restored_position is not None and self._train_loader is not None:
             self._train_loader.load_state_dict(self._restored_position)  # built before the restore

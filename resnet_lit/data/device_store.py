@@ -2,10 +2,11 @@
 
 An :class:`~resnet_lit.data.loaders.IndexBatch` becomes ``(images, targets)`` in one batched gather there: the
 CIFAR random crop (zero padding) and flip as index arithmetic seeded by ``(seed, epoch, index)`` (a repeated
-sample's draw instead of its index), then the normalisation and random erasing, so no DataLoader decodes, augments
-or collates images one by one on the CPU.
-Without crop and flip the batches equal the DataLoader path's (normalisation and erasing are the same code, see
-:mod:`~resnet_lit.data.finish`). Images are stored NHWC: a gathered batch is already ``channels_last``.
+sample's draw instead of its index), then ``augment`` (TrivialAugmentWide or RandAugment per image, see
+:mod:`~resnet_lit.data.batch_augment`), the normalisation and random erasing, so no DataLoader decodes, augments
+or collates images one by one on the CPU. torchvision's order: geometry, ``augment``, normalisation, erasing.
+Without crop, flip and ``augment`` the batches equal the DataLoader path's (normalisation and erasing are the same
+code, see :mod:`~resnet_lit.data.finish`). Images are stored NHWC: a gathered batch is already ``channels_last``.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .batch_augment import batch_augment
 from .dataset_tensors import dataset_tensors
 from .erasing import random_erasing_
 from .loaders import IndexBatch
 from .normalize import Normalizer
 from .seeds import sample_seeds
 from .splits import RawSplits
-from .transforms import ImagePipeline
+from .transforms import Augment, ImagePipeline
 
 
 @dataclass
@@ -43,6 +45,8 @@ class DeviceImageStore:
         crop_padding: zero padding of the random crop of the ``train`` split; 0 disables the crop.
         flip: random horizontal flip of the ``train`` split.
         random_erasing: probability of random erasing (after normalisation) of a ``train`` image.
+        augment: TrivialAugmentWide or RandAugment of each ``train`` image after the crop and flip, drawn from its
+            sample seed. Float images (in [0, 1]) are rounded to 8 bits for it, as the uint8 ops need.
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class DeviceImageStore:
         crop_padding: int = 0,
         flip: bool = False,
         random_erasing: float = 0.0,
+        augment: Augment = "none",
     ) -> None:
         self._builders = dict(splits)
         self._cpu: dict[str, SplitTensors] = {}
@@ -62,6 +67,7 @@ class DeviceImageStore:
         self.crop_padding = crop_padding
         self.flip = flip
         self.random_erasing = random_erasing
+        self.augment = augment
 
     @classmethod
     def from_splits(cls, splits: RawSplits, pipeline: ImagePipeline, num_workers: int = 0) -> DeviceImageStore:
@@ -90,6 +96,7 @@ class DeviceImageStore:
             crop_padding=4 if cifar else 0,
             flip=cifar,
             random_erasing=pipeline.random_erasing,
+            augment=pipeline.augment,
         )
 
     @property
@@ -127,14 +134,19 @@ class DeviceImageStore:
         """``(normalised float images [B, C, H, W] in channels_last memory, targets [B])`` of an index batch."""
         indices = batch.indices
         data = self.split(batch.split, indices.device)
-        augmented = batch.split == "train" and (self.crop_padding or self.flip or self.random_erasing > 0)
+        augmented = batch.split == "train" and (
+            self.crop_padding or self.flip or self.random_erasing > 0 or self.augment != "none"
+        )
         draws = indices if batch.draws is None else batch.draws  # a repeated sample's draw seeds its augmentation
         seeds = sample_seeds(batch.seed, batch.epoch, draws) if augmented else None
         if seeds is not None and (self.crop_padding or self.flip):
             images = self._augmented(data.images, indices, seeds)
         else:
             images = data.images[indices]
-        normalized = self.normalize(images.permute(0, 3, 1, 2))
+        images = images.permute(0, 3, 1, 2)
+        if seeds is not None and self.augment != "none":
+            images = batch_augment(self.augment, _as_uint8(images), seeds)
+        normalized = self.normalize(images)
         if seeds is not None and self.random_erasing > 0:
             random_erasing_(normalized, seeds, self.random_erasing)
         return normalized, data.targets[indices]
@@ -152,3 +164,10 @@ class DeviceImageStore:
             cols = torch.where(flipped[:, None], width - 1 - cols, cols)
         cols = cols + left[:, None]
         return padded[indices[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def _as_uint8(images: Tensor) -> Tensor:
+    """uint8 images as they are; float images in [0, 1] rounded to 0..255."""
+    if images.dtype == torch.uint8:
+        return images
+    return images.mul(255).clamp_(0, 255).round_().to(torch.uint8)
