@@ -57,9 +57,8 @@ class ResNetLitCLI(LightningCLI):
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True, **kwargs: Any) -> None:
         super().__init__(
-            model_class=ResNetClassifier,
-            datamodule_class=ImageDataModule,
-            trainer_class=ResNetLitTrainer,
+            # The classes that the config instantiates; `data:` names a subclass of ImageDataModule.
+            model_class=ResNetClassifier, datamodule_class=ImageDataModule, trainer_class=ResNetLitTrainer,
             subclass_mode_data=True,
             save_config_callback=SaveConfigOnStart,
             save_config_kwargs={"overwrite": True},

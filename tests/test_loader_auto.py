@@ -15,7 +15,8 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from faultinject import Crash, CrashAtStep
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 import resnet_lit.data.base as base_module
 import resnet_lit.data.loader_choice as loader_choice
@@ -123,17 +124,6 @@ class _Recorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-class _Crash(RuntimeError):
-    pass
-
-
-class _CrashAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.step:
-            raise _Crash
 
 
 def _fit(dm: CIFAR10DataModule, root: Path, crash_at: int | None = None, ckpt_path: str | None = None) -> _Recorder:
@@ -144,13 +134,13 @@ def _fit(dm: CIFAR10DataModule, root: Path, crash_at: int | None = None, ckpt_pa
         use_distributed_sampler=False,
         limit_val_batches=0,
         callbacks=[ModelCheckpoint(root, save_last=True, every_n_train_steps=1),
-                   *([_CrashAt(crash_at)] if crash_at is not None else [])],
+                   *([CrashAtStep(crash_at)] if crash_at is not None else [])],
         default_root_dir=root,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
     )  # fmt: skip
-    with contextlib.suppress(_Crash):
+    with contextlib.suppress(Crash):
         trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     return model
 
