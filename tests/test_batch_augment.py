@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_leaves
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from batch_recorder import BatchRecorder
 from fakedata import write_fake_cifar10
 from resnet_lit.data import CIFAR10DataModule, DataConfigError
 from resnet_lit.data import batch_augment as ba
@@ -274,32 +275,13 @@ def test_images_of_other_channel_counts_are_a_config_error() -> None:
 # --- loader: device trains with augment and resumes mid-epoch --------------------------------------------------------
 
 
-class _Recorder(L.LightningModule):
-    """A linear classifier that records the batch of every training step by global step."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(3 * 32 * 32, 10)
-        self.seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.losses: list[float] = []
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        self.seen[self.global_step] = (x.clone(), y.clone())
-        loss = torch.nn.functional.cross_entropy(self.layer(x.flatten(1)), y)
-        self.losses.append(float(loss.detach()))
-        return loss
-
-    def configure_optimizers(self) -> Any:
-        return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
 
-
-def _fit(data: Path, root: Path, crash_at: int | None = None, ckpt_path: str | None = None) -> _Recorder:
+def _fit(data: Path, root: Path, crash_at: int | None = None, ckpt_path: str | None = None) -> BatchRecorder:
     dm = CIFAR10DataModule(data_dir=str(data), batch_size=8, seed=3, loader="device", augment="trivialaugment",
                            random_erasing=0.25)  # fmt: skip
-    model = _Recorder()
+    model = BatchRecorder(3 * 32 * 32)
     trainer = L.Trainer(
         max_epochs=2, accelerator="cpu", use_distributed_sampler=False, limit_val_batches=0, logger=False,
         callbacks=[ModelCheckpoint(root, save_last=True, every_n_train_steps=1),

@@ -15,6 +15,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from batch_recorder import BatchRecorder
 from fakedata import write_fake_cifar10
 from resnet_lit.data import CIFAR10DataModule, ImageDataModule, SyntheticDataModule
 from resnet_lit.data.backends import DataLoaderBackend, DeviceBackend, LoaderSettings, Placement
@@ -24,29 +25,6 @@ from resnet_lit.data.transforms import ImagePipeline
 STEPS_PER_EPOCH = 8
 UNRESUMABLE = "You're resuming from a checkpoint that ended before the epoch ended"
 
-
-class _Recorder(L.LightningModule):
-    """Records the batch of every training step by global step. Its LR schedule reads
-    ``trainer.estimated_stepping_batches``, as resnet-lit's schedules do."""
-
-    def __init__(self, num_inputs: int, estimate_steps: bool = True) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(num_inputs, 10)
-        self.estimate_steps = estimate_steps
-        self.seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        self.seen[self.global_step] = (x.clone(), y.clone())
-        return torch.nn.functional.cross_entropy(self.layer(x.flatten(1)), y)
-
-    def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.SGD(self.parameters(), lr=0.01)
-        if not self.estimate_steps:
-            return optimizer
-        total = self.trainer.estimated_stepping_batches
-        scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, 1.0, 0.1, total_iters=total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 class _Crash(RuntimeError):
@@ -87,9 +65,9 @@ def _fit(
     crash_at: int | None = None,
     ckpt_path: str | None = None,
     estimate_steps: bool = True,
-) -> _Recorder:
+) -> BatchRecorder:
     crash = [_CrashAt(crash_at)] if crash_at is not None else []
-    model = _Recorder(3 * (dm.pipeline.crop_size or 8) ** 2, estimate_steps)  # synthetic images are 8x8
+    model = BatchRecorder(3 * (dm.pipeline.crop_size or 8) ** 2, estimate_steps)  # synthetic images are 8x8
     trainer = L.Trainer(
         max_epochs=3,
         accelerator="cpu",

@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 import resnet_lit.data.base as base_module
 import resnet_lit.data.loader_choice as loader_choice
+from batch_recorder import BatchRecorder
 from fakedata import fed, write_fake_cifar10, write_image_folder
 from resnet_lit.cli import ResNetLitCLI
 from resnet_lit.data import CIFAR10DataModule, DigitsDataModule, ImageFolderDataModule, SyntheticDataModule
@@ -107,27 +108,11 @@ def test_the_budget_on_a_gpu_is_a_share_of_its_free_memory_and_of_the_hosts(monk
 # --- resume: the checkpoint's path, whatever the budget says now ------------------------------------------------
 
 
-class _Recorder(L.LightningModule):
-    """Records the batch of every training step by global step."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(3 * 32 * 32, 10)
-        self.seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        self.seen[self.global_step] = (x.clone(), y.clone())
-        return torch.nn.functional.cross_entropy(self.layer(x.flatten(1)), y)
-
-    def configure_optimizers(self) -> Any:
-        return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
 
-
-def _fit(dm: CIFAR10DataModule, root: Path, crash_at: int | None = None, ckpt_path: str | None = None) -> _Recorder:
-    model = _Recorder()
+def _fit(dm: CIFAR10DataModule, root: Path, crash_at: int | None = None, ckpt_path: str | None = None) -> BatchRecorder:
+    model = BatchRecorder(3 * 32 * 32)
     trainer = L.Trainer(
         max_epochs=2,
         accelerator="cpu",
