@@ -237,3 +237,22 @@ def test_yaml_selectable_and_same_training_result_as_the_standard_path(tmp_path:
     assert device["val/acc"] == pytest.approx(standard["val/acc"], abs=0.02)
     assert device["train/acc"] == pytest.approx(standard["train/acc"], abs=0.02)
     assert device["val/loss"] == pytest.approx(standard["val/loss"], rel=0.1)
+
+
+@pytest.mark.parametrize("loader", ["device", "dataloader"])
+def test_a_fit_that_never_validates_never_reads_the_val_images(tmp_path: Path, loader: str) -> None:
+    """`trainer.limit_val_batches: 0` (the budget recipe): the set-up decodes only the train split, so a val folder
+    costs nothing, not even a corrupt file in it; with validation on, the same file stops the fit naming it."""
+    root = write_image_folder(tmp_path / "data", per_class=4, size=8, splits=("train", "val"))
+    (root / "val" / "cat" / "0000.jpg").write_bytes(b"not a jpeg")
+    args = [
+        "fit", "--model.arch", "resnet20", "--data", "resnet_lit.data.ImageFolderDataModule",
+        "--data.init_args.root", str(root), "--data.init_args.transform_style", "cifar",
+        "--data.init_args.image_size", "8", "--data.init_args.batch_size", "4", "--data.init_args.loader", loader,
+        "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_steps", "2",
+        "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+    ]  # fmt: skip
+    cli = ResNetLitCLI(args=[*args, "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0"])
+    assert cli.trainer.global_step == 2
+    with pytest.raises(Exception, match=r"0000\.jpg"):
+        ResNetLitCLI(args=args)

@@ -67,7 +67,7 @@ class Placement(NamedTuple):
 class LoaderBackend(Protocol):
     """Turns splits into what Lightning iterates, and transferred batches into ``(images, targets)``."""
 
-    def setup(self, splits: RawSplits, stage: str | None) -> None: ...
+    def setup(self, splits: RawSplits, stage: str | None, validates: bool = True) -> None: ...
 
     def train_loader(self, splits: RawSplits, place: Placement) -> ResumableLoader: ...
 
@@ -154,7 +154,7 @@ class DataLoaderBackend:
         self.normalize_on_device = normalize_on_device
         self.finish = BatchFinisher(pipeline)
 
-    def setup(self, splits: RawSplits, stage: str | None) -> None:
+    def setup(self, splits: RawSplits, stage: str | None, validates: bool = True) -> None:
         """Nothing to prepare: samples are read when a batch is drawn."""
 
     def train_loader(self, splits: RawSplits, place: Placement) -> TrainDataLoader:
@@ -193,11 +193,12 @@ class DeviceBackend:
             self._store = (splits, DeviceImageStore.from_splits(splits, self.pipeline, self.settings.num_workers))
         return self._store[1]
 
-    def setup(self, splits: RawSplits, stage: str | None) -> None:
-        """For ``fit``: decode the train and val images now, with the rest of the set-up, not in the first step."""
+    def setup(self, splits: RawSplits, stage: str | None, validates: bool = True) -> None:
+        """For ``fit``: decode the train images now, with the rest of the set-up, not in the first step, and the
+        val images unless the fit never validates (``trainer.limit_val_batches: 0``)."""
         store = self.store(splits)
         if stage == "fit":
-            for name in ("train", "val"):
+            for name in ("train", "val") if validates else ("train",):
                 if name in store.split_names:
                     store.cpu(name)
 

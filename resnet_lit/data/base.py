@@ -307,7 +307,8 @@ class ImageDataModule(L.LightningDataModule):
         if self.loader == "auto" and self.trainer is not None and not self._loader_shared:
             self._share_loader_choice(self.trainer)
         if self._backend is not None:
-            self._backend.setup(self.splits(), stage)
+            validates = self.trainer is None or self.trainer.limit_val_batches != 0
+            self._backend.setup(self.splits(), stage, validates)
 
     def train_dataloader(self) -> ResumableLoader:
         loader = self.backend.train_loader(self.splits(), self._placement())
