@@ -239,7 +239,7 @@ def test_yaml_selectable_and_same_training_result_as_the_standard_path(tmp_path:
     assert device["val/loss"] == pytest.approx(standard["val/loss"], rel=0.1)
 
 
-@pytest.mark.parametrize("loader", ["device", "dataloader"])
+@pytest.mark.parametrize("loader", ["device", "auto", "dataloader"])
 def test_a_fit_that_never_validates_never_reads_the_val_images(tmp_path: Path, loader: str) -> None:
     """`trainer.limit_val_batches: 0` (the budget recipe): the set-up decodes only the train split, so a val folder
     costs nothing, not even a corrupt file in it; with validation on, the same file stops the fit naming it."""

@@ -219,7 +219,7 @@ class ImageDataModule(L.LightningDataModule):
             self._backend = make_backend(kind, self.settings, self.pipeline, self.normalize_on_device)
             rank_zero_info(self._loader_choice.message())
             if self._setup_stage not in (None, "predict"):
-                self._backend.setup(self.splits(), self._setup_stage)
+                self._backend.setup(self.splits(), self._setup_stage, self._fit_validates())
         return self._backend
 
     @property
@@ -307,8 +307,11 @@ class ImageDataModule(L.LightningDataModule):
         if self.loader == "auto" and self.trainer is not None and not self._loader_shared:
             self._share_loader_choice(self.trainer)
         if self._backend is not None:
-            validates = self.trainer is None or self.trainer.limit_val_batches != 0
-            self._backend.setup(self.splits(), stage, validates)
+            self._backend.setup(self.splits(), stage, self._fit_validates())
+
+    def _fit_validates(self) -> bool:
+        """False when the trainer never runs validation (``limit_val_batches: 0``): fit need not decode val."""
+        return self.trainer is None or self.trainer.limit_val_batches != 0
 
     def train_dataloader(self) -> ResumableLoader:
         loader = self.backend.train_loader(self.splits(), self._placement())
