@@ -234,6 +234,7 @@ def compare(args: argparse.Namespace) -> int:
                              "--epochs", str(args.baseline_epochs), "--output", str(weights)],
                 "recipe": [sys.executable, "-m", "resnet_lit", "fit", "--config", str(args.config),
                            "--data.init_args.root", str(root), "--seed_everything", str(seed),
+                           "--data.init_args.seed", str(seed),
                            "--trainer.default_root_dir", str(run_dir), *args.recipe_args],
             }  # fmt: skip
             order = ["baseline", "recipe"] if seed % 2 == 0 else ["recipe", "baseline"]

@@ -5,13 +5,14 @@
 #   data          unpack the CIFAR-10 JPEGs
 #   r50_eager     ResNet-50, 224 px, batch 256, bf16-mixed + channels_last, eager: `resnet-lit fit` and a loop
 #   r18_overhead  ResNet-18 (CIFAR) at batch 512, loop vs fit: the framework overhead where steps are short
-#   cifar10_tta   CIFAR-10 time-to-94% with configs/cifar10_resnet18.yaml on the in-memory device path
+#   speedrun      configs/cifar10_speedrun.yaml (issue 16): CIFAR-10 40k/10k held out, runs of 16, 12, 20, 8 epochs
+#                 (as many as fit), each timed apart from its compile time and scored once with flip TTA
 #   r50_compiled  the ResNet-50 measurement with torch.compile
 #   summary       summary.md from the JSON files
 # Results in $OUT (default /tmp/resnet-lit-gpu-bench), each written as soon as it is measured, so a step that
 # runs out of time keeps what it finished: suite.json (every step: budget, seconds, exit status, or why it was
-# skipped; rewritten after every step), environment.json, r50_eager.json, r18_cifar.json and r50_compiled.json
-# (rewritten after every run), cifar10_time_to_accuracy.json (after every validation), log_tails.txt, summary.md.
+# skipped; rewritten after every step), environment.json, r50_eager.json, r18_cifar.json, r50_compiled.json and
+# cifar10_speedrun.json (rewritten after every run), log_tails.txt, summary.md.
 #
 # Environment: no CUDA device or a missing package stops the suite within seconds, before any measurement, with
 # the problem on one line (exit status 2). Without a C compiler, Python.h or Triton only the compile step is
@@ -20,13 +21,14 @@
 #
 # Needs, inside the repo (both ignored by git, both named in the device tool's `carry`):
 #   .data/cifar10-jpg-train.tar.gz  (or .data/cifar10/train/<class>/*.jpg already unpacked; else the
-#                                    time-to-accuracy step is skipped)
+#                                    speedrun step is skipped)
 #   .whl/                            jsonargparse + docstring-parser + typeshed-client wheels, if the GPU
 #                                    image lacks them (see docs/performance.md, "GPU benchmark")
 # Run from the repo root:  bash benchmarks/gpu_suite.sh   (device tool: timeout_s 540 leaves room for the start)
 # SMOKE=1 shrinks every step to seconds to check the script itself: tiny models, CPU is fine (no CUDA needed),
 # torch.compile off (TORCHDYNAMO_DISABLE=1: the compile step checks its plumbing, tests/test_compile.py checks
-# compilation), CIFAR-10 JPEGs from $CIFAR_ROOT. tests/test_gpu_suite.py runs it.
+# compilation; the speedrun step runs with model.compile false), CIFAR-10 JPEGs from $CIFAR_ROOT (one per class
+# held out). tests/test_gpu_suite.py runs it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,14 +39,14 @@ environment    25   # wheels if needed, imports, nvidia-smi, a C compile of Pyth
 data           25   # untar 50,000 JPEGs: 5-10 s
 r50_eager     100   # 2 repeats x (loop + fit): data, cuDNN autotuning, 6 + 20 steps each; about 70 s
 r18_overhead   45   # 2 repeats x (loop + fit), 10 + 40 steps of batch 512; about 30 s
-cifar10_tta   150   # start and JPEG decoding about 25 s, then training capped at TTA_SECONDS (below)
+speedrun      150   # per run: start + decoding 40k JPEGs ~10 s, compile (cold ~40 s, then cached), ~10 s training
 r50_compiled  125   # fit (cold Inductor compile, 40-80 s) then loop (cached), 4 + 20 steps each
 summary        10   # summary.md
 "
 TOTAL_LIMIT=480
 GRACE=5
-TTA_SECONDS=110   # training-time cap of the time-to-accuracy run: its 150 s less start-up (25 s) and GRACE, less 10 s
-TTA_EPOCHS=${TTA_EPOCHS:-40}  # the recipe's schedule; the run stops after 2 epochs if it cannot fit the cap
+SPEEDRUN_EPOCHS=${SPEEDRUN_EPOCHS:-16 12 20 8}  # one run each, in this order: the recipe's 16 first
+SPEEDRUN_DEADLINE=130  # no run starts that would end later (speedrun's 150 s less GRACE, imports, margin)
 
 OUT=${OUT:-/tmp/resnet-lit-gpu-bench}
 LOGS=${LOGS:-/tmp/resnet-lit-gpu-logs}  # full logs stay on the machine; $OUT gets their tails (device tool: 8 files)
@@ -102,7 +104,9 @@ R50_EAGER=(--runners loop,fit --warmup 6 --steps 20 --repeats 2)
 R50_COMPILED=(--compile true --runners fit,loop --warmup 4 --steps 20 --repeats 1)  # fit first: it matters most
 R18=(--model resnet18_cifar --image-size 32 --batch-size 512 --precision bf16-mixed --runners loop,fit
      --warmup 10 --steps 40 --repeats 2)
-TTA=(--root "$CIFAR_ROOT" --epochs "$TTA_EPOCHS" --max-minutes "$(awk -v s="$TTA_SECONDS" 'BEGIN { print s / 60 }')")
+# shellcheck disable=SC2206  # the epochs list splits on spaces
+SPEEDRUN=(--source "$CIFAR_ROOT" --root .data/cifar10-speedrun --epochs $SPEEDRUN_EPOCHS
+          --deadline-seconds "$SPEEDRUN_DEADLINE" --json "$OUT/cifar10_speedrun.json")
 ENV_CHECK=()
 COMPILE_ENV=()
 if [ "$SMOKE" = 1 ]; then
@@ -110,8 +114,9 @@ if [ "$SMOKE" = 1 ]; then
   R50_EAGER=(--runners loop,fit --warmup 1 --steps 2 --repeats 1)
   R50_COMPILED=(--compile true --runners fit,loop --warmup 1 --steps 2 --repeats 1)
   R18=(--model resnet20 --image-size 8 --batch-size 4 --runners loop,fit --warmup 1 --steps 2 --repeats 1)
-  TTA=(--root "$CIFAR_ROOT" --epochs 1 --max-minutes 1 --num-workers 0 -- --trainer.limit_train_batches 2
-       --trainer.limit_val_batches 1 --model.arch resnet20 --data.init_args.batch_size 8)
+  SPEEDRUN=(--source "$CIFAR_ROOT" --root "${TMPDIR:-/tmp}/resnet-lit-speedrun-smoke" --held-out 1 --epochs 1
+            --first-steps 1 --json "$OUT/cifar10_speedrun.json" -- --model.compile false
+            --data.init_args.batch_size 8 --data.init_args.num_workers 0 --trainer.limit_train_batches 2)
   ENV_CHECK=(--cpu-ok)
   COMPILE_ENV=(TORCHDYNAMO_DISABLE=1)
 fi
@@ -146,9 +151,9 @@ run_step r50_eager $PY -m resnet_lit benchmark "${R50[@]}" "${R50_EAGER[@]}" --j
 run_step r18_overhead $PY -m resnet_lit benchmark "${R18[@]}" --json "$OUT/r18_cifar.json"
 
 if [ -d "$CIFAR_ROOT/train" ]; then
-  TAIL=3 run_step cifar10_tta $PY benchmarks/cifar10_time_to_accuracy.py --out "$OUT" "${TTA[@]}"
+  TAIL=5 run_step speedrun $PY benchmarks/cifar10_speedrun.py run "${SPEEDRUN[@]}"
 else
-  skip cifar10_tta "no CIFAR-10 JPEGs in $CIFAR_ROOT/train: carry .data/cifar10-jpg-train.tar.gz"
+  skip speedrun "no CIFAR-10 JPEGs in $CIFAR_ROOT/train: carry .data/cifar10-jpg-train.tar.gz"
 fi
 
 if [ -z "$COMPILE_PROBLEM" ]; then

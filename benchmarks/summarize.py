@@ -51,6 +51,22 @@ def suite_lines(root: Path) -> list[str]:
     return lines
 
 
+def speedrun_lines(data: dict) -> list[str]:
+    """benchmarks/cifar10_speedrun.py's runs: held-out accuracy against training time, compile time apart."""
+    lines = [f"CIFAR-10 speedrun ({data['config']}; held out: {data['held_out']}):", "",
+             "| epochs | held-out acc (flip TTA) | training s | one-off (compile) s | steps x batch | set-up s | "
+             "scoring s | device |", "|" + " --- |" * 8]  # fmt: skip
+    for run in data["runs"]:
+        lines.append(
+            f"| {run['epochs']} | {run['accuracy']:.4f} | {run['train_seconds']:.2f} | {run['compile_seconds']:.1f} | "
+            f"{run['steps']} x {run['batch_size']} | {run['setup_seconds']:.1f} | {run['eval_seconds']:.1f} | "
+            f"{run['device']}, {run['precision']}{', compiled' if run['compile'] else ''} |"
+        )
+    lines += [f"| {skipped['epochs']} | skipped: about {skipped['projected_seconds']:.0f} s, past the deadline |"
+              + " |" * 6 for skipped in data.get("skipped", [])]  # fmt: skip
+    return lines
+
+
 def main(folder: str) -> int:
     root = Path(folder)
     for line in suite_lines(root):
@@ -74,6 +90,9 @@ def main(folder: str) -> int:
             if (("eager", runner) in rates) and (("compiled", runner) in rates):
                 speedup = rates[("compiled", runner)] / rates[("eager", runner)]
                 print(f"\nResNet-50 torch.compile speedup ({runner}): {speedup:.2f}x")
+    speedrun = root / "cifar10_speedrun.json"
+    if speedrun.is_file():
+        print("\n".join(["", *speedrun_lines(json.loads(speedrun.read_text()))]))
     tta = root / "cifar10_time_to_accuracy.json"
     if tta.is_file():
         data = json.loads(tta.read_text())

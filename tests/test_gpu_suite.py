@@ -21,7 +21,7 @@ from fakedata import write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "benchmarks" / "gpu_suite.sh"
-STEPS = ["environment", "data", "r50_eager", "r18_overhead", "cifar10_tta", "r50_compiled", "summary"]
+STEPS = ["environment", "data", "r50_eager", "r18_overhead", "speedrun", "r50_compiled", "summary"]
 
 
 def _budget() -> dict[str, int]:
@@ -112,7 +112,7 @@ def test_smoke_run_completes_every_step_and_writes_json(tmp_path: Path) -> None:
     if [step["step"] for step in suite["steps"]] != STEPS:
         problems.append(f"suite.json steps: {suite['steps']}")
     problems += [f"step {s['step']} exit {s['exit']}" for s in suite["steps"] if s["exit"] != 0]
-    for name in ("environment", "r50_eager", "r18_cifar", "r50_compiled", "cifar10_time_to_accuracy"):
+    for name in ("environment", "r50_eager", "r18_cifar", "r50_compiled", "cifar10_speedrun"):
         path = out / f"{name}.json"
         if not path.is_file():
             problems.append(f"no {path.name}")
@@ -121,12 +121,17 @@ def test_smoke_run_completes_every_step_and_writes_json(tmp_path: Path) -> None:
         runners = {r["runner"] for r in data.get("results", [])}
         if "results" in data and not (data.get("complete") and runners == {"loop", "fit"}):
             problems.append(f"{path.name}: complete {data.get('complete')}, runners {sorted(runners)}")
-    tta = out / "cifar10_time_to_accuracy.json"
-    if tta.is_file() and not json.loads(tta.read_text()).get("history"):
-        problems.append("the time-to-accuracy run recorded no validation")
+    speedrun = out / "cifar10_speedrun.json"
+    runs = json.loads(speedrun.read_text()).get("runs", []) if speedrun.is_file() else []
+    if [(run["epochs"], run["held_out_images"], run["train_images"]) for run in runs] != [(1, 10, 30)]:
+        problems.append(f"the speedrun step's runs: {runs}")  # one run; 1 of the 4 images per class held out
+    elif not 0 <= runs[0]["accuracy"] <= 1 or runs[0]["steps"] != 2:
+        problems.append(f"the speedrun run: {runs[0]}")
     checkpoints = sorted(str(p.relative_to(scratch)) for p in scratch.rglob("*.ckpt"))
     if checkpoints:
         problems.append(f"checkpoints written: {checkpoints}")
     if not (out / "summary.md").is_file():
         problems.append("no summary.md")
+    elif "CIFAR-10 speedrun" not in (out / "summary.md").read_text():
+        problems.append("summary.md has no speedrun table")
     assert not problems, "\n".join(problems) + "\n" + output[-4000:]

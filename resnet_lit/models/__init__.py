@@ -21,6 +21,7 @@ from resnet_lit.models.describe import format_summary, summarize
 from resnet_lit.models.errors import ModelConfigError
 from resnet_lit.models.features import ResNetFeatures
 from resnet_lit.models.layers import ACT_LAYERS, NORM_LAYERS, DropPath, SqueezeExcite
+from resnet_lit.models.pooling_blocks import ConvPoolBlock
 from resnet_lit.models.preact_blocks import PreActBasicBlock, PreActBlock, PreActBottleneck
 from resnet_lit.models.resnet import ClassifierHead, ResNet
 from resnet_lit.models.shortcuts import SHORTCUTS, register_shortcut
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ACT_LAYERS", "BLOCKS", "MODELS", "NORM_LAYERS", "SHORTCUTS", "STEMS",
-    "BasicBlock", "Bottleneck", "ClassifierHead", "DropPath", "ModelConfigError", "NetworkConfig",
+    "BasicBlock", "Bottleneck", "ClassifierHead", "ConvPoolBlock", "DropPath", "ModelConfigError", "NetworkConfig",
     "PreActBasicBlock", "PreActBlock", "PreActBottleneck", "ResNet", "ResNetFeatures",
     "ResidualBlock", "SEBasicBlock", "SEBottleneck", "SqueezeExcite", "SqueezeExciteMixin", "Stem",
     "block_options", "build_resnet", "create_model", "format_summary", "list_models", "load_torchvision_weights",
