@@ -41,6 +41,10 @@ TINY = {
         arch="preact_resnet50", block="preact_bottleneck", stem="preact_imagenet", shortcut="conv_nobias",
         layers=(1, 1), widths=(8, 16), strides=(1, 2), stem_width=8, residual=False,
     ),
+    "cifar-conv_pool-resnet9_layout": dict(
+        arch="resnet18_cifar", block="conv_pool", stem="cifar", shortcut="conv_bn", layers=(1, 1, 1),
+        widths=(8, 16, 16), strides=(2, 2, 2), stem_width=8, block_args=[{}, {"residual_branch": False}, {}],
+    ),
 }  # fmt: skip
 
 
