@@ -139,6 +139,25 @@ def test_crash_and_resume_matches_the_uninterrupted_run(
     assert metrics["train/acc"] == pytest.approx(uninterrupted["train/acc"], abs=TOLERANCE)
 
 
+@pytest.mark.slow
+def test_a_run_stopped_by_max_steps_mid_epoch_resumes_into_the_uninterrupted_run(
+    tmp_path: Path, uninterrupted: dict[str, float]
+) -> None:
+    """`--trainer.max_steps 12` stops in the first epoch; resumed without it, the run finishes that epoch and the next
+    and ends where the uninterrupted run ends. (The schedule's length is fixed, as the uninterrupted run's: it would
+    otherwise follow max_steps.) Before, last.ckpt was the epoch-end save after the stop, which marks the epoch done,
+    and the resumed run skipped to the next epoch."""
+    run = [*PARITY_FIT, "--trainer.default_root_dir", str(tmp_path),
+           "--model.lr_scheduler.init_args.total_steps", str(TOTAL_STEPS)]  # fmt: skip
+    ResNetLitCLI(args=[*run, "--trainer.max_steps", "12"])
+    assert checkpoint_step(tmp_path / "checkpoints" / "last.ckpt") == 12
+    resumed = ResNetLitCLI(args=[*run, "--ckpt_path", "last"])
+    assert resumed.trainer.global_step == TOTAL_STEPS
+    metrics = {key: float(value) for key, value in resumed.trainer.callback_metrics.items()}
+    for key in ("val/loss", "val/acc", "train/acc"):
+        assert metrics[key] == pytest.approx(uninterrupted[key], abs=TOLERANCE), key
+
+
 def test_rng_state_round_trip_is_weights_only_loadable(tmp_path: Path) -> None:
     import random as pyrandom
 

@@ -40,6 +40,9 @@ class ResumableCheckpoint(ModelCheckpoint):
     * `train_time_interval` is checked after logging steps only (every `trainer.log_every_n_steps` steps),
       where ranks sync anyway, not after every step: deciding it takes a collective (rank 0's clock decides).
     * `last.ckpt` is written at every epoch end, not only when a top-k file was written.
+    * A run that reaches `max_steps` mid-epoch writes `last.ckpt` at that step as a mid-epoch state, so that a
+      resume with a larger `max_steps` finishes the epoch (Lightning's epoch-end save that follows would mark the
+      epoch as done; it is skipped, the step being saved).
     * No interval save on the last batch of an epoch (the epoch-end save follows right after it), nor in the
       middle of a gradient accumulation (a checkpoint cannot hold half-accumulated gradients).
 
@@ -119,7 +122,8 @@ class ResumableCheckpoint(ModelCheckpoint):
         if self._uses_parent_logic(pl_module):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             return
-        if not self._interval_due(trainer) or self._should_skip_saving_checkpoint(trainer):
+        interval_due = self._interval_due(trainer)  # first: on some steps it is a collective
+        if not (interval_due or _stops_at_max_steps(trainer)) or self._should_skip_saving_checkpoint(trainer):
             return
         if trainer.is_last_batch:
             return  # the epoch-end save (after validation) comes next
@@ -171,3 +175,10 @@ def in_gradient_accumulation(trainer: pl.Trainer, batch_idx: int) -> bool:
     """Whether the optimizer has not stepped after batch `batch_idx` (of the epoch) because gradients of the
     next batches are still to be added. The last batch of an epoch always ends an accumulation."""
     return (batch_idx + 1) % trainer.accumulate_grad_batches != 0 and not trainer.is_last_batch
+
+
+def _stops_at_max_steps(trainer: pl.Trainer) -> bool:
+    """Whether this step reaches `trainer.max_steps`. Saved here, `last.ckpt` is a mid-epoch state; the epoch-end
+    save that Lightning runs next would record the epoch as finished, so that a resume with a larger `max_steps`
+    would skip the rest of the epoch."""
+    return 0 <= trainer.max_steps <= trainer.global_step
