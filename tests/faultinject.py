@@ -35,6 +35,20 @@ class CrashAtStep(Callback):
             raise Crash(f"injected crash before step {self.step}")
 
 
+class StopAtStep(Callback):
+    """Set `trainer.should_stop` after training step `step` (its 1-based global step), as Lightning's Timer does
+    when `trainer.max_time` runs out."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
 class NaNAtStep(Callback):
     """Turn the images of training step `step` into NaN (on `rank`, or every rank), so the loss is NaN.
 

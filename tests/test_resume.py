@@ -140,16 +140,22 @@ def test_crash_and_resume_matches_the_uninterrupted_run(
 
 
 @pytest.mark.slow
-def test_a_run_stopped_by_max_steps_mid_epoch_resumes_into_the_uninterrupted_run(
-    tmp_path: Path, uninterrupted: dict[str, float]
+@pytest.mark.parametrize(
+    "stop",
+    [["--trainer.max_steps", "12"], ["--trainer.callbacks+=faultinject.StopAtStep", "--trainer.callbacks.step=12"]],
+    ids=["max_steps", "should_stop"],
+)
+def test_a_run_stopped_mid_epoch_resumes_into_the_uninterrupted_run(
+    tmp_path: Path, uninterrupted: dict[str, float], stop: list[str]
 ) -> None:
-    """`--trainer.max_steps 12` stops in the first epoch; resumed without it, the run finishes that epoch and the next
-    and ends where the uninterrupted run ends. (The schedule's length is fixed, as the uninterrupted run's: it would
-    otherwise follow max_steps.) Before, last.ckpt was the epoch-end save after the stop, which marks the epoch done,
-    and the resumed run skipped to the next epoch."""
+    """Stopped at step 12 of the first epoch, by `max_steps` or by a callback's `should_stop` (as the Timer of
+    `max_time` stops), then resumed without the limit: the run finishes that epoch and the next and ends where the
+    uninterrupted run ends. (The schedule's length is fixed, as the uninterrupted run's: it would otherwise follow
+    max_steps.) Before, last.ckpt was the epoch-end save after the stop, which marks the epoch done, and the resumed
+    run skipped to the next epoch (ending at step 31 of 38)."""
     run = [*PARITY_FIT, "--trainer.default_root_dir", str(tmp_path),
            "--model.lr_scheduler.init_args.total_steps", str(TOTAL_STEPS)]  # fmt: skip
-    ResNetLitCLI(args=[*run, "--trainer.max_steps", "12"])
+    ResNetLitCLI(args=[*run, *stop])
     assert checkpoint_step(tmp_path / "checkpoints" / "last.ckpt") == 12
     resumed = ResNetLitCLI(args=[*run, "--ckpt_path", "last"])
     assert resumed.trainer.global_step == TOTAL_STEPS

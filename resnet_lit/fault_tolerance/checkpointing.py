@@ -40,9 +40,10 @@ class ResumableCheckpoint(ModelCheckpoint):
     * `train_time_interval` is checked after logging steps only (every `trainer.log_every_n_steps` steps),
       where ranks sync anyway, not after every step: deciding it takes a collective (rank 0's clock decides).
     * `last.ckpt` is written at every epoch end, not only when a top-k file was written.
-    * A run that reaches `max_steps` mid-epoch writes `last.ckpt` at that step as a mid-epoch state, so that a
-      resume with a larger `max_steps` finishes the epoch (Lightning's epoch-end save that follows would mark the
-      epoch as done; it is skipped, the step being saved).
+    * A run that stops mid-epoch, by `max_steps` or by a callback's `should_stop` after a training step (the Timer
+      of `max_time`), writes `last.ckpt` at that step as a mid-epoch state, so that a resume with a larger limit
+      finishes the epoch (Lightning's epoch-end save that follows would mark the epoch as done; it is skipped, the
+      step being saved).
     * No interval save on the last batch of an epoch (the epoch-end save follows right after it), nor in the
       middle of a gradient accumulation (a checkpoint cannot hold half-accumulated gradients).
 
@@ -123,7 +124,7 @@ class ResumableCheckpoint(ModelCheckpoint):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             return
         interval_due = self._interval_due(trainer)  # first: on some steps it is a collective
-        if not (interval_due or _stops_at_max_steps(trainer)) or self._should_skip_saving_checkpoint(trainer):
+        if not (interval_due or _training_stops_here(trainer)) or self._should_skip_saving_checkpoint(trainer):
             return
         if trainer.is_last_batch:
             return  # the epoch-end save (after validation) comes next
@@ -177,8 +178,16 @@ def in_gradient_accumulation(trainer: pl.Trainer, batch_idx: int) -> bool:
     return (batch_idx + 1) % trainer.accumulate_grad_batches != 0 and not trainer.is_last_batch
 
 
-def _stops_at_max_steps(trainer: pl.Trainer) -> bool:
-    """Whether this step reaches `trainer.max_steps`. Saved here, `last.ckpt` is a mid-epoch state; the epoch-end
-    save that Lightning runs next would record the epoch as finished, so that a resume with a larger `max_steps`
-    would skip the rest of the epoch."""
-    return 0 <= trainer.max_steps <= trainer.global_step
+def _training_stops_here(trainer: pl.Trainer) -> bool:
+    """Whether training ends after this step: `trainer.max_steps` is reached, or a callback set `should_stop` (the
+    Timer of `trainer.max_time`, for one) and Lightning will honour it (`min_epochs` and `min_steps` are met, the
+    test of `fit_loop._can_stop_early`). Saved here, `last.ckpt` is a mid-epoch state; the epoch-end save that
+    Lightning runs next would record the epoch as finished, so that a resume would skip the rest of the epoch."""
+    if 0 <= trainer.max_steps <= trainer.global_step:
+        return True
+    if not trainer.should_stop:
+        return False
+    fit_loop = trainer.fit_loop
+    met_min_epochs = not fit_loop.min_epochs or fit_loop.epoch_progress.current.processed >= fit_loop.min_epochs
+    met_min_steps = not fit_loop.min_steps or trainer.global_step >= fit_loop.min_steps
+    return met_min_epochs and met_min_steps
